@@ -1,0 +1,51 @@
+"""The one place that prepares the process environment for DeepSpeed and megatron-core, on GPU and on CPU.
+
+Call `configure_environment()` before importing deepspeed (the accelerator is chosen at import) and
+`patch_for_cpu()` after; tests, the trainer and the benchmarks all go through here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def configure_environment() -> None:
+    """Environment variables that must be set before deepspeed/megatron are imported."""
+    if not cuda_available():
+        # DeepSpeed picks its accelerator at import time; without this it probes for CUDA and warns.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # JIT-built extensions (if a user enables one) go inside the project, not the home directory.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".cache" / "torch_extensions"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "triton"))
+    # Quiet the tokenizers/transformers fork warning; our loaders fork after tokenizer use.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_patched = False
+
+
+def patch_for_cpu() -> None:
+    """Make DeepSpeed and megatron-core run on a CPU-only machine without JIT builds. Idempotent."""
+    global _patched
+    if _patched or cuda_available():
+        return
+    _patched = True
+    import torch
+
+    # megatron's dist_checkpointing calls torch.cuda.synchronize() while saving; there is nothing to sync.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    try:
+        import deepspeed.comm.torch as ds_comm_torch
+    except ImportError:
+        return
+    # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (25-40 s) at init_distributed,
+    # used only for inference; training all-reduces go through gloo.
+    ds_comm_torch.build_shm_op = lambda: None

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: set up .venv if needed, then run the default test suite (pytest args pass through).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+source "$ROOT/launch/setup_env.sh"
+cd "$ROOT"
+exec python -m pytest "$@"

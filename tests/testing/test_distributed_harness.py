@@ -1,0 +1,58 @@
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hgrn_megatron.testing.distributed import DistributedTestError, run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _all_reduce_rank():
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return {"rank": dist.get_rank(), "sum": t.item(), "world": dist.get_world_size(), "pid": os.getpid()}
+
+
+def _rank1_raises():
+    if dist.get_rank() == 1:
+        raise ValueError("rank one exploded on purpose")
+    return "fine"
+
+
+def _rank1_hangs():
+    if dist.get_rank() == 1:
+        time.sleep(3600)
+    return "fine"
+
+
+def _returns_tensor():
+    return torch.full((3,), float(dist.get_rank()))
+
+
+def test_two_ranks_all_reduce():
+    results = run_distributed(_all_reduce_rank, world_size=2, timeout=60)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["sum"] == 3.0 and r["world"] == 2 for r in results)
+    assert results[0]["pid"] != results[1]["pid"] != os.getpid()
+
+
+def test_tensors_come_back():
+    results = run_distributed(_returns_tensor, world_size=2, timeout=60)
+    assert torch.equal(results[1], torch.ones(3))
+
+
+def test_failing_rank_reports_traceback():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_rank1_raises, world_size=2, timeout=60)
+    msg = str(info.value)
+    assert "[rank 1]" in msg and "ValueError: rank one exploded on purpose" in msg and "_rank1_raises" in msg
+
+
+def test_hanging_rank_is_killed_within_timeout():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match=r"ranks \[.*1\] did not finish within 5 s"):
+        run_distributed(_rank1_hangs, world_size=2, timeout=5)
+    assert time.monotonic() - start < 15

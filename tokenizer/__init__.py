@@ -1,0 +1,1 @@
+"""hgrn_megatron.tokenizer: SentencePiece tokenizer training, loading and metadata checks."""
