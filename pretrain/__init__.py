@@ -1,4 +1,15 @@
 """hgrn_megatron.pretrain: data pipeline, DeepSpeed engine, sharded checkpoints, training loop, logging.
 
 May import `hgrn_megatron` (model), `hgrn_megatron.kernels` and `hgrn_megatron.tokenizer`; nothing imports it back.
+
+Exit codes of `hgrn-pretrain` (launch scripts rely on them):
 """
+
+EXIT_OK = 0
+"""The run reached train.steps."""
+EXIT_CONFIG_ERROR = 2
+"""The config or command line is invalid (one line per problem on stderr), before any rank started work."""
+EXIT_ABORTED = 3
+"""Too many non-finite steps in a row; no checkpoint of the poisoned state was written."""
+EXIT_REQUEUE = 75
+"""Preempted (SIGUSR1/SIGTERM) or out of wall-clock budget: a checkpoint was saved; requeue to resume."""

@@ -1,0 +1,263 @@
+"""Sharded, atomic checkpoints and resume.
+
+Layout of one checkpoint (`RUN_DIR/checkpoints/step-NNNNNNNN/`):
+    ds/                  DeepSpeed's own tag folder: per-rank model and ZeRO optimizer shards
+    rng/rank-RRRRR.pt    every rank's python/numpy/torch/cuda RNG states
+    data_state.pt        the data pipeline's global state (merged from every rank)
+    run_state.json       step, consumed samples/tokens, world and parallel sizes, tokenizer sha256, config
+    config.yaml          the resolved run config
+    manifest.json        every file with its size, and sha256 of the small files; written last
+The folder is written as `step-NNNNNNNN.tmp/` and renamed only after every rank has finished; `latest` (a text
+file naming the folder) is replaced atomically after the rename. Resume picks the newest folder whose manifest
+checks out and falls back to older ones, with a warning, when the newest is torn or corrupt.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "ds"
+DS_UNIVERSAL_TAG = "ds_universal"
+MANIFEST = "manifest.json"
+SMALL_FILE_BYTES = 16 * 2**20  # files below this get a checksum in the manifest (shards get a size)
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------- small atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- manifest
+def write_manifest(ckpt_dir: Path) -> None:
+    files = {}
+    for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(ckpt_dir).as_posix()
+        if rel == MANIFEST:
+            continue
+        entry: dict[str, Any] = {"bytes": path.stat().st_size}
+        if entry["bytes"] < SMALL_FILE_BYTES:
+            entry["sha256"] = sha256_file(path)
+        files[rel] = entry
+    atomic_write_bytes(ckpt_dir / MANIFEST, json.dumps({"files": files}, indent=1).encode())
+
+
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
+    """None if `ckpt_dir` is complete and intact, else the reason it is not."""
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (torn write?)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable manifest.json ({err})"
+    for rel, entry in files.items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"missing file {rel}"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{rel} has {size} bytes, manifest says {entry['bytes']}"
+        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            return f"{rel} checksum mismatch"
+    if not any(f.startswith(DS_TAG + "/") for f in files):
+        return "no DeepSpeed shards"
+    return None
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished-looking checkpoint folder, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(ckpt_root: Path) -> Path | None:
+    """Newest checkpoint that verifies; older ones are tried, with a warning, if newer ones are torn."""
+    for step, path in list_checkpoints(ckpt_root):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is not usable (%s); trying an older one", path, problem)
+    return None
+
+
+def resolve_checkpoint_arg(resume: str, ckpt_root: Path) -> Path | None:
+    """`auto` → newest valid checkpoint (or None for a fresh run); `none` → None; a path → that checkpoint."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_resume_checkpoint(ckpt_root)
+    path = Path(resume)
+    if path.is_dir() and not _STEP_DIR.match(path.name):
+        chosen = find_resume_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if chosen is None:
+            raise CheckpointError(f"--resume {resume}: no complete checkpoint found there")
+        return chosen
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"--resume {resume}: checkpoint is not usable ({problem})")
+    return path
+
+
+# ---------------------------------------------------------------- save
+def universal_checkpoint_info() -> dict:
+    """What DeepSpeed's universal-checkpoint converter needs to know about our parameters."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+
+
+def save_checkpoint(
+    engine, ckpt_root: Path, step: int, run_state: dict, data_state: Any, config_yaml: str, keep_last: int,
+    keep_every: int | None,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    rank = dist.get_rank()
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(
+        str(tmp), tag=DS_TAG, client_state={UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info()}, save_latest=False
+    )
+    atomic_torch_save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        atomic_torch_save(data_state, tmp / "data_state.pt")
+        atomic_write_bytes(tmp / "run_state.json", json.dumps(run_state, indent=1).encode())
+        atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
+    dist.barrier()
+    if rank == 0:
+        write_manifest(tmp)
+        if final.exists():  # an earlier, possibly torn, save of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
+        apply_retention(ckpt_root, keep_last, keep_every)
+    dist.barrier()
+    return final
+
+
+def apply_retention(ckpt_root: Path, keep_last: int, keep_every: int | None) -> None:
+    ckpts = list_checkpoints(ckpt_root)
+    keep = {p for _, p in ckpts[:keep_last]}
+    if keep_every:
+        keep |= {p for s, p in ckpts if s % keep_every == 0}
+    for _, path in ckpts:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for stale in ckpt_root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- load
+def read_run_state(ckpt_dir: Path) -> dict:
+    return json.loads((ckpt_dir / "run_state.json").read_text())
+
+
+def convert_to_universal(ckpt_dir: Path) -> None:
+    """Rank 0: DeepSpeed's universal checkpoint (world-size independent), written once beside `ds/`."""
+    out = ckpt_dir / DS_UNIVERSAL_TAG
+    if out.is_dir():
+        return
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = ckpt_dir / (DS_UNIVERSAL_TAG + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt_dir / DS_TAG), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )
+    ds_to_universal(args)
+    os.replace(tmp, out)
+
+
+def load_checkpoint(engine, ckpt_dir: Path, universal: bool) -> None:
+    """Collective: load model + optimizer shards (universal format when the world size changed) and this
+    rank's RNG state (same world size only: otherwise the RNG streams are re-seeded by the caller)."""
+    rank = dist.get_rank()
+    if universal:
+        if rank == 0:
+            convert_to_universal(ckpt_dir)
+        dist.barrier()
+        tag = DS_UNIVERSAL_TAG
+    else:
+        tag = DS_TAG
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
+    if not universal:
+        set_rng_state(torch.load(ckpt_dir / "rng" / f"rank-{rank:05d}.pt", weights_only=False))
+
+
+def load_data_state(ckpt_dir: Path) -> Any:
+    return torch.load(ckpt_dir / "data_state.pt", weights_only=False)

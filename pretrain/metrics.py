@@ -1,0 +1,103 @@
+"""Metrics: one console line, TensorBoard scalars and one `metrics.jsonl` record per logged step (rank 0)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("hgrn_megatron.pretrain")
+
+# Dense peak FLOP/s per device by precision (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+}
+
+
+def device_peak_flops(precision: str) -> float | None:
+    """Per-device dense peak for `precision`, or None when the device is unknown (then MFU is not reported)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().upper()
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table.get(precision)
+    return None
+
+
+def memory_gib() -> float:
+    """Peak device memory on GPU; resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class MetricsWriter:
+    """Rank-0 sink for scalars. `metrics.jsonl` gets one JSON object per call of `write`."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint, so each step appears exactly once."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line torn by a crash
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def console_line(r: dict[str, Any]) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    return (
+        f"step {r['step']:>7}/{r['total_steps']} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | "
+        f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
+        f"mem {r['memory_gib']:.2f} GiB | data wait {r['data_wait_pct']:.1f}% | "
+        f"skipped {r['skipped_steps']} | ETA {format_duration(r['eta_s'])}"
+    )

@@ -1,0 +1,73 @@
+"""Config errors are one-line messages from `hgrn-pretrain`, before any process group starts."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from hgrn_megatron.pretrain import EXIT_CONFIG_ERROR
+from hgrn_megatron.pretrain.__main__ import main
+from hgrn_megatron.pretrain.config import load_config
+
+
+@pytest.fixture
+def config_file(tmp_path, run_tree):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_tree()))
+    return path
+
+
+def _error(capsys, config_file, *overrides, world_size=None, monkeypatch=None):
+    if world_size:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("RANK", "0")
+    assert main(["--config", str(config_file), *overrides]) == EXIT_CONFIG_ERROR
+    return capsys.readouterr().err
+
+
+def test_resolved_config_loads_with_preset(config_file):
+    cfg = load_config(config_file, ["optimizer.lr=1e-3", "model.num_layers=3"])
+    assert cfg.optimizer.lr == 1e-3 and cfg.model.num_layers == 3 and cfg.model.seq_length == 32
+    ds = cfg.deepspeed_config(dp_size=2)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4
+
+
+def test_deepspeed_extra_keys_pass_through(config_file):
+    cfg = load_config(config_file, ['parallel.deepspeed_extra={"zero_optimization": {"reduce_bucket_size": 1000}, "x": 1}'])
+    ds = cfg.deepspeed_config(dp_size=1)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and ds["x"] == 1
+
+
+def test_unknown_key_names_closest(capsys, config_file):
+    err = _error(capsys, config_file, "train.stpes=5")
+    assert "train.stpes: unknown key; did you mean 'steps'?" in err
+
+
+def test_unknown_section_key(capsys, config_file):
+    err = _error(capsys, config_file, "optimizer.weight_decy=0.1")
+    assert "optimizer.weight_decy: unknown key; did you mean 'weight_decay'?" in err
+
+
+def test_wrong_type(capsys, config_file):
+    err = _error(capsys, config_file, "train.steps=many")
+    assert "train.steps:" in err and "integer" in err and "'many'" in err
+
+
+def test_global_batch_not_divisible(capsys, config_file, monkeypatch):
+    err = _error(capsys, config_file, "train.global_batch_size=6", "train.micro_batch_size=2", world_size=2,
+                 monkeypatch=monkeypatch)
+    assert "train.global_batch_size (6) is not divisible by micro_batch_size x data-parallel size (2 x 2 = 4)" in err
+
+
+def test_tp_must_divide_hidden(capsys, config_file, monkeypatch):
+    err = _error(capsys, config_file, "parallel.tensor_parallel_size=3", world_size=3, monkeypatch=monkeypatch)
+    assert "3" in err and "hidden" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == EXIT_CONFIG_ERROR
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_preset(capsys, config_file):
+    err = _error(capsys, config_file, "model.preset=hgrn-13b")
+    assert "model.preset" in err and "hgrn-13b" in err
