@@ -10,6 +10,8 @@ the linear recurrence
 
 with the forget gate `lambda_t = gamma_k + (1 - gamma_k) * sigmoid(x_t W_f)` bounded below by a per-layer
 `gamma_k` that rises with depth (paper, section 3.2). The output is `W_o(Norm([Re h, Im h]) * silu(x W_g))`.
+Complex features are laid out channel-major, `(re_0, im_0, re_1, im_1, ...)`, in W_i, W_g, the mixer norm and
+W_o's input, as in the training framework (a norm over all features does not depend on their order).
 
 Generation carries one `[batch, channels]` state per layer (`HGRNCache`), so a decode step costs the same at any
 context length. Left padding is supported: padded positions leave the state untouched. This file imports
@@ -70,6 +72,14 @@ def _make_norm(kind: str, size: int, eps: float) -> nn.Module:
     return nn.RMSNorm(size, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(size, eps=eps)
 
 
+def _norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply an nn.RMSNorm / nn.LayerNorm with statistics and affine parameters in fp32."""
+    weight = norm.weight.float()
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x.float(), norm.normalized_shape, weight, norm.eps)
+    return F.layer_norm(x.float(), norm.normalized_shape, weight, norm.bias.float(), norm.eps)
+
+
 class HGRNMixer(nn.Module):
     """The HGRU token mixer of one layer. State: `[B, D]` complex64 (complex variant) or float32 (real)."""
 
@@ -79,7 +89,7 @@ class HGRNMixer(nn.Module):
         self.is_complex = config.variant == "complex"
         self.channels = config.recurrent_channels
         self.scan_backend = config.scan_backend
-        width = 2 * self.channels if self.is_complex else self.channels  # [Re; Im] halves for complex
+        width = 2 * self.channels if self.is_complex else self.channels  # (re, im) pairs for complex
         bias = config.mixer_bias
         self.i_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.f_proj = nn.Linear(config.hidden_size, self.channels, bias=bias)
@@ -97,14 +107,16 @@ class HGRNMixer(nn.Module):
             one_minus_lam = torch.sigmoid(-f)
         else:  # log(gamma + (1 - gamma) sigmoid(f)) without rounding lambda first
             gamma = lower_bound.float()
-            log_lam = torch.logaddexp(gamma.log(), torch.log1p(-gamma) + F.logsigmoid(f))
+            log_gamma = gamma.clamp_min(torch.finfo(torch.float32).tiny).log()  # softmax weights are > 0
+            log_lam = torch.logaddexp(log_gamma, torch.log1p(-gamma) + F.logsigmoid(f))
             one_minus_lam = (1 - gamma) * torch.sigmoid(-f)  # 1 - lambda, exactly rearranged
         inputs = F.silu(self.i_proj(x).float())
+        # The scan input is rounded to the activation dtype, as the framework feeds its kernel (no-op in fp32).
         if self.is_complex:
-            re, im = inputs.chunk(2, dim=-1)
-            b = torch.complex(re * one_minus_lam, im * one_minus_lam)
+            pairs = inputs.unflatten(-1, (self.channels, 2)) * one_minus_lam[..., None]
+            b = torch.view_as_complex(pairs.to(x.dtype).float().contiguous())
         else:
-            b = inputs * one_minus_lam
+            b = (inputs * one_minus_lam).to(x.dtype).float()
 
         if self._use_framework_kernel(x, pad_mask, state):
             h, last = self._framework_scan(b, log_lam, doc_start, pad_mask, state)
@@ -118,11 +130,12 @@ class HGRNMixer(nn.Module):
                 b = torch.where(keep, b, torch.zeros_like(b))
             h = linear_recurrence(a, b, state)
             last = h[:, -1]
-        features = torch.cat([h.real, h.imag], dim=-1) if self.is_complex else h
-        out = self.out_norm(features.to(x.dtype))
+        features = torch.view_as_real(h).flatten(-2) if self.is_complex else h
+        # The scan hands back h in the input's dtype; the norm and the gate then run in fp32.
+        out = _norm_fp32(self.out_norm, features.to(x.dtype))
         if self.g_proj is not None:
-            out = out * F.silu(self.g_proj(x))
-        return self.o_proj(out), last
+            out = out * F.silu(self.g_proj(x).float())
+        return self.o_proj(out.to(x.dtype)), last
 
     def _use_framework_kernel(self, x, pad_mask, state) -> bool:
         if _framework_scan is None or self.scan_backend != "auto" or not x.is_cuda:
