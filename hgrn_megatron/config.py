@@ -1,0 +1,124 @@
+"""The model section of the run config: architecture, HGRN ablation switches and the scan backend.
+
+Pure pydantic (no megatron import), so a config can be checked before any process group starts.
+`hgrn_megatron.model.transformer_config_from` turns it into megatron-core's `TransformerConfig`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from hgrn_megatron.config_base import ConfigError, ConfigNode
+
+
+class ModelConfig(ConfigNode):
+    """One HGRN (or Transformer-baseline) language model. Defaults are the `tiny` preset."""
+
+    # ---------------------------------------------------------------- which model
+    preset: Optional[str] = Field(
+        None, description="Name in `hgrn_megatron.presets.PRESETS`; fills every field not given explicitly."
+    )
+    mixer: Literal["hgrn", "attention"] = Field(
+        "hgrn",
+        description="Token mixer: the HGRU, or megatron-core's own causal self-attention (with RoPE) as the "
+        "Transformer baseline. Everything else (embeddings, MLP, norms, head) is identical.",
+    )
+
+    # ---------------------------------------------------------------- sizes
+    hidden_size: int = Field(64, gt=0, description="Model width d.")
+    num_layers: int = Field(2, gt=0, description="Number of (mixer + MLP) blocks.")
+    ffn_hidden_size: int = Field(128, gt=0, description="Width of the SwiGLU MLP (per half of the gated unit).")
+    num_attention_heads: int = Field(
+        4, gt=0, description="Heads of the attention baseline; megatron requires it for HGRN too (unused there)."
+    )
+    seq_length: int = Field(128, gt=0, description="Training sequence length in tokens (model input length).")
+
+    # ---------------------------------------------------------------- HGRU
+    variant: Literal["complex", "real"] = Field(
+        "complex",
+        description="complex: d channels with a learned phase θ (2·d features); real: expand_ratio·d real channels.",
+    )
+    expand_ratio: int = Field(1, ge=1, description="Real variant only: recurrence width = expand_ratio · d.")
+    use_lower_bound: bool = Field(
+        True, description="Learned per-layer forget-gate lower bounds (HGRN §3.2); off: γ = 0 in every layer."
+    )
+    output_gate: bool = Field(True, description="Multiply the normalised recurrence output by silu(x W_g).")
+    mixer_norm: Literal["layernorm", "rmsnorm"] = Field(
+        "layernorm", description="Norm over the recurrence features before the output gate (authors: LayerNorm)."
+    )
+    reset_at_document_boundary: bool = Field(
+        False,
+        description="Clear the recurrent state (attention baseline: block the attention) at each document "
+        "start given by the data pipeline's doc_start mask. Off: one stream per sequence, as in the paper.",
+    )
+    scan_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="hgrn_scan backend: auto = Triton on CUDA tensors, the torch path otherwise."
+    )
+
+    # ---------------------------------------------------------------- shared by both mixers
+    norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="Pre-mixer, pre-MLP and final norms.")
+    norm_epsilon: float = Field(1e-5, gt=0, description="Epsilon of every norm (block norms and mixer norm).")
+    init_method_std: float = Field(
+        0.02, gt=0, description="Std of the normal init; output projections are scaled by 1/sqrt(2·num_layers)."
+    )
+    add_bias_linear: bool = Field(False, description="Biases in every linear layer (mixer and MLP).")
+    share_embeddings_and_output_weights: bool = Field(False, description="Tie the input embedding and LM head.")
+    rotary_base: int = Field(10000, gt=0, description="RoPE base of the attention baseline.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            from hgrn_megatron.presets import get_preset
+
+            try:
+                base = get_preset(data["preset"])
+            except KeyError as err:
+                raise ValueError(err.args[0]) from None
+            data = {**base, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.variant == "complex" and self.expand_ratio != 1:
+            raise ValueError(
+                f"expand_ratio={self.expand_ratio} applies to the real variant only "
+                "(the complex variant's width is fixed at d channels = 2·d features)"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        return self
+
+    # ------------------------------------------------------------ derived
+    @property
+    def mixer_width(self) -> int:
+        """Recurrence channels of one HGRU (each complex channel holds a real and an imaginary part)."""
+        return self.hidden_size if self.variant == "complex" else self.expand_ratio * self.hidden_size
+
+    @property
+    def mixer_features(self) -> int:
+        """Real-valued features of one HGRU's state: the width of W_i, W_g, the mixer norm and W_o's input."""
+        return 2 * self.mixer_width if self.variant == "complex" else self.mixer_width
+
+    def validate_parallel(self, tp_size: int) -> None:
+        """Raise ConfigError unless `tp_size` tensor-parallel ranks can split this model evenly."""
+        if tp_size < 1:
+            raise ConfigError(f"model: tensor-parallel size must be >= 1 (got {tp_size})")
+        # A TP rank owns whole HGRU channels, whole heads and whole MLP columns; with hidden_size divisible,
+        # the HGRU width (hidden_size or expand_ratio x hidden_size) is too.
+        checks = {
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "ffn_hidden_size": self.ffn_hidden_size,
+        }
+        problems = [
+            f"model.{name}: {value} is not divisible by the tensor-parallel size {tp_size}"
+            for name, value in checks.items()
+            if value % tp_size
+        ]
+        if problems:
+            raise ConfigError("\n".join(problems))

@@ -1,0 +1,282 @@
+"""The HGRU token mixer: a megatron-core module for the `self_attention` slot of a `TransformerLayer`.
+
+The Hierarchically Gated Recurrent Unit of Qin, Yang and Zhong, "Hierarchically Gated Recurrent Neural
+Network for Sequence Modeling" (NeurIPS 2023), §3, as the authors' reference code computes it
+(OpenNLPLab/HGRN, `Hgru1d` for the complex variant, `HgruRealV6`/`Hgru1_real_1d` for the real one):
+
+    i = x W_i                          complex: d channels x (re, im); real: expand_ratio·d channels
+    f = x W_f                          one forget logit per channel
+    λ = γ_k + (1 − γ_k) · σ(f)         γ_k: the lower bound of layer k (0 in layer 0)
+    h_t = λ_t e^{iθ} h_{t−1} + (1 − λ_t) silu(i_t)      θ: learned per-channel phase (complex only)
+    y = W_o( Norm([Re h, Im h]) · silu(x W_g) )
+
+Tensor parallelism: W_i, W_f, W_g are column-parallel and W_o row-parallel, so a TP rank owns whole channels:
+both parts of each of its complex channels, their forget gates, their θ and their lower-bound column.
+To make contiguous column splits line up with channels, every 2·d-wide tensor is laid out channel-major
+(re_0, im_0, re_1, im_1, ...) instead of the authors' [re_0..re_{d-1}, im_0..im_{d-1}]; the norm over all
+2·d features is invariant to that permutation, so the model is the authors' up to a fixed relabelling of the
+W_i / W_g / W_o / norm rows. The norm's statistics span every rank's features: they are all-reduced in the
+forward *and* the backward pass (`_sum_over_tp`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from hgrn_megatron import kernels
+
+
+# ------------------------------------------------------------------------------------------ TP-aware norm
+class _SumOverTP(torch.autograd.Function):
+    """Sum a tensor over the TP ranks in the forward pass and sum its gradient the same way in the backward.
+
+    Each rank's output feeds only that rank's channels, so the true gradient of a rank's partial sum is the
+    sum of every rank's gradient. megatron's `reduce_from_tensor_model_parallel_region` passes the gradient
+    through unchanged, which gives each rank only its own share: correct outputs, wrong gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sum_over_tp(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _SumOverTP.apply(x, group)
+
+
+class TPFeatureNorm(MegatronModule):
+    """LayerNorm or RMSNorm over a feature dimension that is split across the TP ranks.
+
+    Holds this rank's slice of the weight (and bias) and normalises with statistics of all `hidden_size`
+    features, computed in fp32. At TP = 1 it is an ordinary LayerNorm / RMSNorm.
+    """
+
+    def __init__(self, config, hidden_size: int, *, kind: str = "layernorm", eps: float = 1e-5, tp_group=None,
+                 **kwargs):
+        super().__init__(config=config)
+        if kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"TPFeatureNorm: kind must be 'layernorm' or 'rmsnorm' (got {kind!r})")
+        self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+        tp = dist.get_world_size(self.tp_group)
+        if hidden_size % tp:
+            raise ValueError(f"TPFeatureNorm: {hidden_size} features do not split over {tp} TP ranks")
+        self.kind, self.eps, self.hidden_size = kind, eps, hidden_size
+        local = hidden_size // tp
+        self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        if kind == "layernorm":
+            self.bias = torch.nn.Parameter(torch.zeros(local, dtype=config.params_dtype))
+            set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        if self.kind == "layernorm":
+            mean = _sum_over_tp(x32.sum(-1, keepdim=True), self.tp_group) / self.hidden_size
+            x32 = x32 - mean
+        mean_square = _sum_over_tp(x32.square().sum(-1, keepdim=True), self.tp_group) / self.hidden_size
+        y = x32 * torch.rsqrt(mean_square + self.eps) * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Weight and bias are split along the feature axis (by default custom tensors count as replicated)."""
+        state = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 0, "bias": 0}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+# ------------------------------------------------------------------------------------------ the mixer
+@dataclass
+class HGRUSubmodules:
+    """Building blocks of an HGRU, in megatron's ModuleSpec style (local and TE linears are interchangeable)."""
+
+    linear_in: Union[ModuleSpec, type, None] = None  # column-parallel, d -> features
+    linear_forget: Union[ModuleSpec, type, None] = None  # column-parallel, d -> channels
+    linear_gate: Union[ModuleSpec, type, None] = None  # column-parallel, d -> features (None: no output gate)
+    linear_out: Union[ModuleSpec, type, None] = None  # row-parallel, features -> d
+    norm: Union[ModuleSpec, type, None] = TPFeatureNorm
+
+
+@dataclass(frozen=True)
+class HGRUOptions:
+    """The HGRU's ablation switches (from `ModelConfig`); each is a real code path."""
+
+    variant: str = "complex"  # "complex" | "real"
+    expand_ratio: int = 1  # real variant: channels = expand_ratio · d
+    mixer_norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    scan_backend: str = "auto"  # passed to hgrn_scan
+
+    def width(self, hidden_size: int) -> int:
+        return hidden_size if self.variant == "complex" else self.expand_ratio * hidden_size
+
+    def features(self, hidden_size: int) -> int:
+        return 2 * hidden_size if self.variant == "complex" else self.expand_ratio * hidden_size
+
+
+def forget_gate(f: torch.Tensor, lower_bound: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(log λ, 1 − λ)` for λ = γ + (1 − γ)·σ(f), in fp32, without ever rounding λ itself.
+
+    log λ = logaddexp(log γ, log(1 − γ) + logσ(f)) and 1 − λ = (1 − γ)·σ(−f): both stay accurate when λ is
+    within an ulp of 1, where `log(λ)` and `1 − λ` of a rounded λ would be 0. γ = None means γ = 0.
+    """
+    f = f.float()
+    if lower_bound is None:
+        return F.logsigmoid(f), torch.sigmoid(-f)
+    gamma = lower_bound.float()
+    # γ > 0 in every layer that has one (softmax weights are positive); the clamp only guards underflow.
+    log_gamma = torch.log(gamma.clamp_min(torch.finfo(torch.float32).tiny))
+    log_lambda = torch.logaddexp(log_gamma, torch.log1p(-gamma) + F.logsigmoid(f))
+    return log_lambda, (1.0 - gamma) * torch.sigmoid(-f)
+
+
+class HGRU(MegatronModule):
+    """The HGRU token mixer in megatron's attention slot: `[s, b, d] -> ([s, b, d], bias | None)`.
+
+    `attention_mask`, which megatron forwards unchanged from `GPTModel.forward` to every layer, carries the
+    document-reset mask here: bool `[b, s]`, True where a token starts a new document (the recurrent state is
+    cleared before that token). `HGRNModel.forward` builds it from `doc_start`; None means one stream per
+    sequence. The layer's lower bound γ_k comes from the model-level table attached with
+    `attach_lower_bounds` (layer 0, and models without lower bounds, use γ = 0).
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules: HGRUSubmodules,
+        layer_number: int,
+        options: HGRUOptions = HGRUOptions(),
+        pg_collection=None,
+        **kwargs,  # newer megatron-core passes more (e.g. attn_mask_type, cp_comm_type, name)
+    ):
+        super().__init__(config=config)
+        self.options = options
+        self.layer_number = layer_number  # 1-based and global (megatron adds the pipeline offset)
+        self.tp_group = pg_collection.tp if pg_collection is not None else (
+            parallel_state.get_tensor_model_parallel_group())
+        tp = dist.get_world_size(self.tp_group)
+        d = config.hidden_size
+        self.width, self.features = options.width(d), options.features(d)
+        if self.width % tp:
+            raise ValueError(f"HGRU: {self.width} channels do not split over {tp} tensor-parallel ranks")
+        self.local_width = self.width // tp
+        bias = config.add_bias_linear
+
+        def column(spec, out_features):
+            return build_module(spec, d, out_features, config=config, init_method=config.init_method, bias=bias,
+                                gather_output=False, skip_bias_add=False, tp_group=self.tp_group)
+
+        self.linear_in = column(submodules.linear_in, self.features)
+        self.linear_forget = column(submodules.linear_forget, self.width)
+        self.linear_gate = column(submodules.linear_gate, self.features) if submodules.linear_gate else None
+        self.norm = build_module(submodules.norm, config, self.features, kind=options.mixer_norm,
+                                 eps=config.layernorm_epsilon, tp_group=self.tp_group)
+        self.linear_out = build_module(
+            submodules.linear_out, self.features, d, config=config, init_method=config.output_layer_init_method,
+            bias=bias, input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group,
+        )
+        if options.variant == "complex":
+            # RoPE-like phases θ_j = 10000^(−2j/d) over all d channels (authors' `Hgru1d`); this rank keeps
+            # its channels, so θ is identical at every TP size.
+            rank = dist.get_rank(self.tp_group)
+            channels = torch.arange(rank * self.local_width, (rank + 1) * self.local_width, dtype=torch.float32)
+            theta = 10000.0 ** (-2.0 * channels / self.width)
+            self.theta = torch.nn.Parameter(theta.to(config.params_dtype))
+            set_tensor_model_parallel_attributes(self.theta, True, 0, 1)
+        else:
+            self.theta = None
+        self._lower_bounds: tuple = ()  # (module,) once attached; a tuple so torch does not register it
+
+    def attach_lower_bounds(self, lower_bounds: Callable[[int], torch.Tensor]) -> None:
+        """Use `lower_bounds(layer_index) -> γ [local channels]`, a module the model owns (not a submodule)."""
+        self._lower_bounds = (lower_bounds,)
+
+    def lower_bound(self) -> Optional[torch.Tensor]:
+        """γ of this layer (this rank's channels), or None for γ = 0."""
+        index = self.layer_number - 1
+        if not self._lower_bounds or index == 0:
+            # Layer 0's bound is identically 0 (cumsum minus its own first row): skipping it is exact, and it
+            # avoids log(0) in the gate.
+            return None
+        return self._lower_bounds[0](index)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                inference_context=None, packed_seq_params=None, **kwargs):
+        if inference_context is not None or kwargs.get("inference_params") is not None:
+            raise NotImplementedError("HGRU: megatron inference contexts are not supported (export to HF instead)")
+        if packed_seq_params is not None:
+            raise NotImplementedError("HGRU: packed_seq_params is not supported; pass doc_start to the model")
+        s, b, _ = hidden_states.shape
+        reset = attention_mask
+        if reset is not None and (reset.dtype != torch.bool or tuple(reset.shape) != (b, s)):
+            raise ValueError(
+                f"HGRU: the reset mask must be bool [batch, seq] = [{b}, {s}], got {reset.dtype} {tuple(reset.shape)}"
+            )
+        dtype = hidden_states.dtype
+
+        inputs, _ = self.linear_in(hidden_states)  # [s, b, features/tp]
+        forget, _ = self.linear_forget(hidden_states)  # [s, b, channels/tp]
+        log_lambda, one_minus_lambda = forget_gate(forget, self.lower_bound())
+        x = F.silu(inputs.float())
+        if self.theta is not None:
+            x = x.view(s, b, self.local_width, 2) * one_minus_lambda.unsqueeze(-1)  # (re, im) per channel
+        else:
+            x = x * one_minus_lambda
+        # The scan is batch-first; megatron's activations are sequence-first.
+        h, _ = kernels.hgrn_scan(
+            x.to(dtype).transpose(0, 1).contiguous(),
+            log_lambda.transpose(0, 1).contiguous(),
+            theta=None if self.theta is None else self.theta.float(),
+            reset=reset,
+            backend=self.options.scan_backend,
+        )
+        h = h.transpose(0, 1).reshape(s, b, -1)  # [s, b, features/tp], channel-major (re, im)
+
+        y = self.norm(h)
+        if self.linear_gate is not None:
+            gate, _ = self.linear_gate(hidden_states)
+            y = y * F.silu(gate.float())
+        return self.linear_out(y.to(dtype))  # (output [s, b, d], bias or None) for megatron's bias-dropout-add
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """θ is split along its channel axis; every submodule describes its own shards."""
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, {"theta": 0}, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+        )
+        for name, module in self.named_children():
+            sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=self.tp_group))
+        return sharded

@@ -1,0 +1,217 @@
+"""The HGRN language model: megatron-core's GPTModel with HGRU mixers and a model-level lower-bound table.
+
+megatron-core does what it already does well: the vocab-parallel embedding, the layer stack (norms, SwiGLU
+MLP, residuals), the vocab-parallel LM head and cross entropy, initialisation and sharded state dicts.
+`HGRNModel` adds the one thing a stack of independent layers cannot hold: the lower bounds γ of HGRN §3.2,
+one `[num_layers, channels]` table whose softmax over layers is shared by every layer. With `mixer:
+attention` the same class is the Transformer baseline (megatron's local attention, RoPE).
+
+    model = build_model(cfg, padded_vocab_size)          # needs megatron parallel_state initialised
+    loss = model(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1])   # [b, s] fp32
+    logits = model(tokens)                                # [b, s, vocab / tp]
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+from hgrn_megatron.config import ModelConfig
+from hgrn_megatron.hgru import HGRU
+from hgrn_megatron.layer_specs import layer_spec
+
+
+def transformer_config_from(
+    cfg: ModelConfig,
+    *,
+    tp_size: int,
+    params_dtype: torch.dtype = torch.float32,
+    perform_initialization: bool = True,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `cfg` at `tp_size` tensor-parallel ranks.
+
+    Weights are always initialised on the CPU from the full (master) matrix and then split, so the initial
+    model is the same at every TP size and needs no CUDA RNG tracker. Fusions, sequence parallelism and
+    gradient-accumulation fusion are off: they need Apex/TE/CUDA kernels this stack does not require.
+    """
+    cfg.validate_parallel(tp_size)
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        tensor_model_parallel_size=tp_size,
+        normalization={"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[cfg.norm],
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU (Shazeer 2020), as in the HGRN LMs
+        activation_func=F.silu,
+        add_bias_linear=cfg.add_bias_linear,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+class LayerLowerBounds(MegatronModule):
+    """The forget-gate lower bounds of every layer (HGRN §3.2), from one learnable table.
+
+    γ = cumsum_over_layers(softmax_over_layers(table)) − (its first row); layer k (0-based) uses row k, so
+    γ_0 = 0, γ rises with depth and stays below 1 (γ_{L−1} = 1 − softmax_0). The table starts at zero: a
+    uniform softmax, γ_k = k / L. This rank holds the columns of its own channels (split along dim 1).
+    Called by the mixers (`bounds(k)`), so ZeRO-3 gathers the table like any module's weight.
+    """
+
+    def __init__(self, config: TransformerConfig, num_layers: int, channels: int, tp_group=None):
+        super().__init__(config=config)
+        self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+        tp = torch.distributed.get_world_size(self.tp_group)
+        self.table = torch.nn.Parameter(torch.zeros(num_layers, channels // tp, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.table, True, 1, 1)
+
+    def forward(self, layer_index: Optional[int] = None) -> torch.Tensor:
+        """γ for one layer `[channels / tp]`, or for all `[num_layers, channels / tp]`, in fp32."""
+        weights = self.table.float().softmax(dim=0)
+        gamma = weights.cumsum(dim=0) - weights[0]
+        return gamma if layer_index is None else gamma[layer_index]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The table is split along its channel axis (dim 1)."""
+        state = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"table": 1}, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+        )
+
+
+class HostRotaryEmbedding(RotaryEmbedding):
+    """megatron's RoPE table, usable on a machine without CUDA.
+
+    `RotaryEmbedding.get_emb` moves its frequencies to `torch.cuda.current_device()` on first use; without
+    CUDA this computes the same table on the CPU.
+    """
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        if torch.cuda.is_available():
+            return super().get_emb(max_seq_len, offset)
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [s, dim / 2]
+        if self.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).view(freqs.shape[0], -1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, None, None, :]  # [s, 1, 1, dim]
+
+
+class HGRNModel(GPTModel):
+    """GPTModel with HGRU mixers (or attention), the lower-bound table and a `doc_start` input."""
+
+    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, vocab_size: int, **kwargs):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=layer_spec(model_cfg),
+            vocab_size=vocab_size,
+            max_sequence_length=model_cfg.seq_length,
+            share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
+            position_embedding_type="rope" if model_cfg.mixer == "attention" else "none",
+            rotary_base=model_cfg.rotary_base,
+            **kwargs,
+        )
+        self.model_cfg = model_cfg
+        if hasattr(self, "rotary_pos_emb") and not torch.cuda.is_available():
+            self.rotary_pos_emb.__class__ = HostRotaryEmbedding  # same state, CPU-safe table construction
+        if model_cfg.mixer == "hgrn" and model_cfg.use_lower_bound:
+            self.lower_bounds = LayerLowerBounds(config, model_cfg.num_layers, model_cfg.mixer_width, self.tp_group)
+            for layer in self.decoder.layers:
+                layer.self_attention.attach_lower_bounds(self.lower_bounds)
+        else:
+            self.lower_bounds = None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, decoder_input=None,
+                labels: Optional[torch.Tensor] = None, *, doc_start: Optional[torch.Tensor] = None, **kwargs):
+        """Per-token loss `[b, s]` (fp32) when `labels` are given, else logits `[b, s, vocab / tp]`.
+
+        `doc_start` bool `[b, s]`: True where token t starts a new document; used only when the config has
+        `reset_at_document_boundary`. The document structure reaches the mixers through megatron's
+        `attention_mask` argument, which GPTModel hands unchanged to every layer's mixer, also through
+        megatron's activation-recompute path, so it is a real argument and never hidden module state:
+        - HGRU: the reset mask itself, bool `[b, s]` (None: one stream per sequence);
+        - attention: None (causal), or when resetting megatron's boolean mask `[b, 1, s, s]` (True = masked),
+          causal and block-diagonal over documents.
+        """
+        if self.model_cfg.mixer == "hgrn" and attention_mask is not None:
+            raise ValueError("HGRNModel: an HGRU has no attention mask; pass doc_start for document resets")
+        mask = self.mixer_mask(input_ids, doc_start) if attention_mask is None else attention_mask
+        return super().forward(input_ids, position_ids, mask, decoder_input=decoder_input, labels=labels, **kwargs)
+
+    def mixer_mask(self, input_ids: torch.Tensor, doc_start: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """What each layer's mixer receives as `attention_mask` (see `forward`)."""
+        b, s = input_ids.shape
+        resetting = self.model_cfg.reset_at_document_boundary and doc_start is not None
+        if resetting and (doc_start.dtype != torch.bool or tuple(doc_start.shape) != (b, s)):
+            raise ValueError(
+                f"HGRNModel: doc_start must be bool [batch, seq] = [{b}, {s}] like input_ids, "
+                f"got {doc_start.dtype} {tuple(doc_start.shape)}"
+            )
+        if not resetting:
+            return None  # HGRU: one stream per sequence; attention: plain causal
+        if self.model_cfg.mixer == "hgrn":
+            return doc_start
+        document = doc_start.long().cumsum(dim=1)  # document index of every token
+        future = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(diagonal=1)
+        return (future[None] | (document[:, :, None] != document[:, None, :]))[:, None]  # [b, 1, s, s]
+
+
+def build_model(
+    cfg: ModelConfig, padded_vocab_size: int, *, params_dtype: torch.dtype = torch.float32, meta: bool = False
+) -> HGRNModel:
+    """Build this rank's shard of the model (megatron `parallel_state` must be initialised).
+
+    Weights come from the global torch RNG (seed it first): the same seed gives the same full model at any
+    TP size. `meta=True` builds on the meta device without initialising (for counting parameters).
+    """
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if padded_vocab_size % tp_size:
+        raise ValueError(
+            f"build_model: padded_vocab_size {padded_vocab_size} is not divisible by the tensor-parallel size "
+            f"{tp_size} (pad it with hgrn_megatron.tokenizer.padded_vocab_size)"
+        )
+    config = transformer_config_from(cfg, tp_size=tp_size, params_dtype=params_dtype,
+                                     perform_initialization=not meta)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return HGRNModel(config, cfg, padded_vocab_size)
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """True for parameters trained without weight decay: norms, biases, θ and the lower-bound table.
+
+    Every 1-D parameter is one of the first three (weights of linears and embeddings are 2-D); the table is
+    2-D but is a set of gate offsets, not a weight matrix.
+    """
+    return param.ndim < 2 or name.endswith("lower_bounds.table")
+
+
+def mixers_of(model: torch.nn.Module) -> list[HGRU]:
+    """The HGRU mixers of a model (empty for the attention baseline)."""
+    return [m for m in model.modules() if isinstance(m, HGRU)]
