@@ -1,90 +1,26 @@
 """The sbatch script's own logic on a real SLURM, with a stand-in for the trainer.
 
-The stand-in (written to a temporary file below) keeps the trainer's launch contract and nothing else: rank and
-world from torchrun's or SLURM's variables, one `{"step": n}` line per step in RUN_DIR/metrics.jsonl, USR1 =
-save at the next step boundary and exit 75, resume from its checkpoint on start. It isolates what this file
-tests: the rank environment each launch pattern provides, the signal path batch shell → step → trainer, the
+The stand-in (standin.py) keeps the trainer's launch contract and nothing else: rank and world from torchrun's
+or SLURM's variables, one `{"step": n}` line per step in RUN_DIR/metrics.jsonl, USR1 = save at the next step
+boundary and exit 75, resume from its checkpoint on start. It isolates what this file tests: the rank environment each launch pattern provides, the signal path batch shell → step → trainer, the
 requeue on exit 75 and nothing else, and the restart bookkeeping. The real trainer goes through the same path
 in test_sbatch_pretrain.py.
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from standin import read_jsonl, setup_run
 
 pytestmark = pytest.mark.slurm
-
-STANDIN_TRAINER = r'''
-import json, os, signal, sys, time
-
-args = sys.argv[1:]
-if args[:1] != ["--config"]:
-    sys.exit(f"stand-in trainer: expected --config FILE, got {args}")
-cfg = json.load(open(args[1]))
-cfg.update(a.split("=", 1) for a in args[2:])
-run_dir, steps, step_s = cfg["run_dir"], int(cfg["steps"]), float(cfg["step_seconds"])
-env = os.environ
-torchrun = "RANK" in env
-rank = int(env["RANK"] if torchrun else env["SLURM_PROCID"])
-world = int(env["WORLD_SIZE"] if torchrun else env["SLURM_NTASKS"])
-
-preempted = []
-signal.signal(signal.SIGUSR1, lambda signum, frame: preempted.append(signum))
-
-ckpt = os.path.join(run_dir, "checkpoint.json")
-start = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
-os.makedirs(os.path.join(run_dir, "launches"), exist_ok=True)
-with open(os.path.join(run_dir, "launches", f"rank-{rank}.jsonl"), "a") as f:
-    f.write(json.dumps({
-        "rank": rank, "world": world, "torchrun": torchrun, "start_step": start,
-        "restart": int(env.get("SLURM_RESTART_COUNT", 0)), "master_addr": env["MASTER_ADDR"],
-        "master_port": int(env["MASTER_PORT"]), "triton_cache": env.get("TRITON_CACHE_DIR", ""),
-    }) + "\n")
-
-def save(step):
-    tmp = ckpt + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step}, f)
-    os.replace(tmp, ckpt)
-
-if cfg.get("fail_with"):
-    sys.exit(int(cfg["fail_with"]))
-for step in range(start + 1, steps + 1):
-    time.sleep(step_s)
-    if rank == 0:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step}) + "\n")
-    if preempted:
-        if rank == 0:
-            save(step)
-        sys.exit(75)
-if rank == 0:
-    save(steps)
-'''
-
-
-def _setup_run(tmp_path: Path, **cfg) -> tuple[Path, Path, dict[str, str]]:
-    trainer = tmp_path / "standin_trainer.py"
-    trainer.write_text(STANDIN_TRAINER)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    config = tmp_path / "standin.json"
-    config.write_text(json.dumps({"run_dir": str(run_dir), "steps": 6, "step_seconds": 0.1, **cfg}))
-    return run_dir, config, {"HGRN_TRAINER": f"{sys.executable} {trainer}"}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _wait_for_steps(run_dir: Path, n: int, timeout: float, cluster, job_id: int) -> None:
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
-    while not (metrics.exists() and len(_read_jsonl(metrics)) >= n):
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= n):
         info = cluster.job(job_id)
         assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), f"job ended before step {n}: {info}"
         assert time.monotonic() < deadline, f"fewer than {n} steps after {timeout} s: {info}"
@@ -93,15 +29,15 @@ def _wait_for_steps(run_dir: Path, n: int, timeout: float, cluster, job_id: int)
 
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_launch_pattern_gives_each_rank_its_environment(slurm_cluster, tmp_path, launcher):
-    run_dir, config, env = _setup_run(tmp_path)
+    run_dir, config, env = setup_run(tmp_path)
     log = tmp_path / "job.out"
     job_id = slurm_cluster.submit(str(config), env={**env, "HGRN_LAUNCHER": launcher}, options=(f"--output={log}",))
     info = slurm_cluster.wait_finished(job_id, timeout=120, log=log)
 
     assert info["JobState"] == "COMPLETED", log.read_text()
     assert info["Restarts"] == "0"
-    assert [m["step"] for m in _read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
-    launches = [_read_jsonl(run_dir / "launches" / f"rank-{r}.jsonl") for r in (0, 1)]
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    launches = [read_jsonl(run_dir / "launches" / f"rank-{r}.jsonl") for r in (0, 1)]
     for rank, records in enumerate(launches):
         assert len(records) == 1
         (rec,) = records
@@ -115,7 +51,7 @@ def test_launch_pattern_gives_each_rank_its_environment(slurm_cluster, tmp_path,
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
     steps = 30
-    run_dir, config, env = _setup_run(tmp_path, steps=steps, step_seconds=0.25)
+    run_dir, config, env = setup_run(tmp_path, steps=steps, step_seconds=0.25)
     log = tmp_path / "job.out"
     job_id = slurm_cluster.submit(str(config), env={**env, "HGRN_LAUNCHER": launcher}, options=(f"--output={log}",))
     _wait_for_steps(run_dir, 3, timeout=90, cluster=slurm_cluster, job_id=job_id)
@@ -126,16 +62,16 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_p
     assert info["JobState"] == "COMPLETED", output
     assert info["Restarts"] == "1", output
     assert "requeueing job" in output
-    steps_logged = [m["step"] for m in _read_jsonl(run_dir / "metrics.jsonl")]
+    steps_logged = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps_logged == list(range(1, steps + 1)), "every step exactly once across the two runs"
-    first, second = _read_jsonl(run_dir / "launches" / "rank-0.jsonl")
+    first, second = read_jsonl(run_dir / "launches" / "rank-0.jsonl")
     assert (first["restart"], first["start_step"]) == (0, 0)
     assert second["restart"] == 1
     assert 3 <= second["start_step"] < steps, "the restart resumed from the checkpoint saved on the signal"
 
 
 def test_failed_trainer_is_not_requeued(slurm_cluster, tmp_path):
-    run_dir, config, env = _setup_run(tmp_path, fail_with=3)
+    run_dir, config, env = setup_run(tmp_path, fail_with=3)
     log = tmp_path / "job.out"
     job_id = slurm_cluster.submit(str(config), env=env, options=(f"--output={log}",))
     info = slurm_cluster.wait_finished(job_id, timeout=60, log=log)

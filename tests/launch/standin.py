@@ -1,0 +1,75 @@
+"""A stand-in for the trainer that keeps its launch contract and nothing else, for testing launch scripts.
+
+Rank and world come from torchrun's or SLURM's variables; each step appends `{"step": n}` to
+RUN_DIR/metrics.jsonl (rank 0); USR1 means save at the next step boundary and exit 75; a start resumes from
+the saved step. Each process also records what the launcher gave it in RUN_DIR/launches/rank-R.jsonl.
+The config is a JSON file (`run_dir`, `steps`, `step_seconds`, optional `fail_with`: exit at once with that
+code); `key=value` arguments after it override its keys.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STANDIN_TRAINER = r'''
+import json, os, signal, sys, time
+
+args = sys.argv[1:]
+if args[:1] != ["--config"]:
+    sys.exit(f"stand-in trainer: expected --config FILE, got {args}")
+cfg = json.load(open(args[1]))
+cfg.update(a.split("=", 1) for a in args[2:])
+run_dir, steps, step_s = cfg["run_dir"], int(cfg["steps"]), float(cfg["step_seconds"])
+env = os.environ
+torchrun = "RANK" in env
+rank = int(env["RANK"] if torchrun else env["SLURM_PROCID"])
+world = int(env["WORLD_SIZE"] if torchrun else env["SLURM_NTASKS"])
+
+preempted = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: preempted.append(signum))
+
+ckpt = os.path.join(run_dir, "checkpoint.json")
+start = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
+os.makedirs(os.path.join(run_dir, "launches"), exist_ok=True)
+with open(os.path.join(run_dir, "launches", f"rank-{rank}.jsonl"), "a") as f:
+    f.write(json.dumps({
+        "rank": rank, "world": world, "torchrun": torchrun, "start_step": start,
+        "restart": int(env.get("SLURM_RESTART_COUNT", 0)), "master_addr": env["MASTER_ADDR"],
+        "master_port": int(env["MASTER_PORT"]), "triton_cache": env.get("TRITON_CACHE_DIR", ""),
+    }) + "\n")
+
+def save(step):
+    tmp = ckpt + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step}, f)
+    os.replace(tmp, ckpt)
+
+if cfg.get("fail_with"):
+    sys.exit(int(cfg["fail_with"]))
+for step in range(start + 1, steps + 1):
+    time.sleep(step_s)
+    if rank == 0:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step}) + "\n")
+    if preempted:
+        if rank == 0:
+            save(step)
+        sys.exit(75)
+if rank == 0:
+    save(steps)
+'''
+
+
+def setup_run(tmp_path: Path, **cfg) -> tuple[Path, Path, dict[str, str]]:
+    trainer = tmp_path / "standin_trainer.py"
+    trainer.write_text(STANDIN_TRAINER)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = tmp_path / "standin.json"
+    config.write_text(json.dumps({"run_dir": str(run_dir), "steps": 6, "step_seconds": 0.1, **cfg}))
+    return run_dir, config, {"HGRN_TRAINER": f"{sys.executable} {trainer}"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
