@@ -1,0 +1,301 @@
+"""`TrainLoader`: a rank's micro-batches from background workers, in the global sample order, resumable exactly.
+
+Rank r of a data-parallel group of size DP takes global samples J + r, J + r + DP, ... (J = where the run
+resumed; see `packing.py` for the global order). Those samples come from lanes `rank_lanes(...)` only; the rank's
+lanes are dealt to workers round-robin (worker w gets the rank's lanes w, w + W, ...), so each lane lives in
+exactly one worker and each worker reads the shards once for all its lanes. A worker produces the samples of its
+lanes in the rank's order and puts them in its own queue (at most `prefetch` ahead); the trainer takes sample j
+from the queue of the worker owning lane `j mod L`.
+
+Exact state with prefetch: every sample arrives with its lane's snapshot after that sample (position, token
+offset, samples produced) and the lane's counter increments since its previous sample. The trainer side applies
+them only when the trainer consumes the sample, so `state_dict()` and `stats()` describe exactly the samples
+consumed, whatever the workers have read ahead. `num_workers=0` runs the same code in the training process.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue as queue_mod
+import signal
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from hgrn_megatron.pretrain.data.config import DataConfig
+from hgrn_megatron.pretrain.data.counters import DataCounters
+from hgrn_megatron.pretrain.data.packing import LaneGroup, PackingSpec
+from hgrn_megatron.pretrain.data.shards import DataError
+from hgrn_megatron.pretrain.data.state import (
+    STATE_FORMAT,
+    as_global_state,
+    check_fingerprint,
+    fingerprint,
+    initial_global_state,
+    rank_lanes,
+)
+
+log = logging.getLogger(__name__)
+
+QUEUE_POLL_S = 0.5
+
+
+def build_packing_spec(cfg: DataConfig, seq_length: int, eos_id: int) -> PackingSpec:
+    paths, names, weights = cfg.resolve_train()
+    return PackingSpec(
+        paths=[str(p) for p in paths],
+        names=names,
+        shard_weights=weights,
+        source_weights=dict(cfg.source_weights),
+        seed=cfg.seed,
+        lanes=cfg.lanes,
+        seq_length=seq_length,
+        eos_id=eos_id,
+        text_field=cfg.text_field,
+        source_field=cfg.source_field,
+        warn_limit=cfg.warn_limit,
+        lookahead_bytes=cfg.lookahead_mib << 20,
+    )
+
+
+def rank_samples(start: int, dp_rank: int, dp_size: int):
+    """Global sample indices of one rank, in order: start + dp_rank, start + dp_rank + dp_size, ..."""
+    j = start + dp_rank
+    while True:
+        yield j
+        j += dp_size
+
+
+def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, out_queue, stop, parent_pid):
+    """Loader worker: produce this worker's lanes' samples in the rank's order, `prefetch` ahead at most."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and closes us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption notices are for the trainer
+    out_queue.cancel_join_thread()  # never block exit on unread samples
+    try:
+        group = LaneGroup(spec, lane_states, tokenizer)
+        mine = set(group.lanes)
+        L = spec.lanes
+        t0 = time.perf_counter()
+        for j in rank_samples(start, dp_rank, dp_size):
+            lane = j % L
+            if lane not in mine:
+                continue
+            tokens, doc_start, snapshot, delta = group.produce(lane, j // L)
+            item = (j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0, group.num_readers())
+            while True:
+                if stop.is_set() or os.getppid() != parent_pid:
+                    return
+                try:
+                    out_queue.put(item, timeout=QUEUE_POLL_S)
+                    break
+                except queue_mod.Full:
+                    continue
+            t0 = time.perf_counter()
+    except BaseException as err:  # noqa: BLE001 - report everything to the trainer
+        out_queue.put(("error", isinstance(err, DataError), f"{type(err).__name__}: {err}", traceback.format_exc()))
+
+
+class TrainLoader:
+    """Iterator of micro-batches `{"tokens": Long[mb, S+1], "doc_start": Bool[mb, S+1]}` for one DP rank.
+
+    Model input = tokens[:, :-1], labels = tokens[:, 1:], the inputs' document starts = doc_start[:, :-1].
+    `state` is a global state (`merge_data_states` of all ranks' `state_dict()`s, or a single-rank run's
+    state); any dp_size and num_workers continue the same global sequence from it.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, state: dict | None = None):
+        if not (0 <= dp_rank < dp_size):
+            raise ValueError(f"TrainLoader: dp_rank {dp_rank} is not in [0, {dp_size})")
+        if seq_length < 1 or micro_batch_size < 1:
+            raise ValueError(f"TrainLoader: seq_length ({seq_length}) and micro_batch_size ({micro_batch_size}) must be >= 1")
+        self.cfg = cfg
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.spec = build_packing_spec(cfg, seq_length, tokenizer.eos_id)
+        self.fingerprint = fingerprint(self.spec, tokenizer.sha256)
+        if state is None:
+            gstate = initial_global_state(self.fingerprint)
+        else:
+            gstate = as_global_state(state)
+            check_fingerprint(gstate["fingerprint"], self.fingerprint)
+        self.start_sample = int(gstate["next_sample"])
+        L = self.spec.lanes
+        self.lanes = rank_lanes(L, self.start_sample, dp_rank, dp_size)
+        if L % dp_size and dp_rank == 0:
+            log.warning(
+                "data.lanes (%d) is not a multiple of the data-parallel size (%d): ranks share lanes and each "
+                "tokenizes %d/%d of the data instead of 1/%d", L, dp_size, len(self.lanes), L, dp_size,
+            )
+        saved = {int(s["lane"]): s for s in gstate["lanes"]}
+        self._snapshots = {lane: {k: v for k, v in saved[lane].items() if k != "counters"} for lane in self.lanes}
+        self._counters = {lane: DataCounters.from_state(saved[lane].get("counters", [])) for lane in self.lanes}
+        self._consumed = 0
+        self._wait_s = 0.0
+        self._closed = False
+        self.num_workers = min(cfg.num_workers, len(self.lanes))
+        W = self.num_workers
+        self._worker_busy = [0.0] * max(W, 1)
+        self._worker_samples = [0] * max(W, 1)
+        self._readers = [1] * max(W, 1)
+        self._owner = {lane: i % max(W, 1) for i, lane in enumerate(self.lanes)}
+        self._procs, self._queues = [], []
+        if W == 0:
+            self._group = LaneGroup(self.spec, [self._snapshots[lane] for lane in self.lanes], tokenizer)
+            return
+        ctx = multiprocessing.get_context(cfg.worker_start_method)
+        self._stop = ctx.Event()
+        for w in range(W):
+            mine = [self._snapshots[lane] for lane in self.lanes[w::W]]
+            q = ctx.Queue(maxsize=cfg.prefetch)
+            p = ctx.Process(
+                target=_worker_main,
+                args=(w, self.spec, mine, tokenizer, self.start_sample, dp_rank, dp_size, q, self._stop, os.getpid()),
+                name=f"data-worker-{dp_rank}-{w}",
+                daemon=True,
+            )
+            p.start()
+            self._procs.append(p)
+            self._queues.append(q)
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        import torch
+
+        if self._closed:
+            raise RuntimeError("TrainLoader is closed")
+        tokens, doc_start = [], []
+        for _ in range(self.micro_batch_size):
+            t, d = self._next_sample()
+            tokens.append(t)
+            doc_start.append(d)
+        return {
+            "tokens": torch.from_numpy(np.stack(tokens)).long(),
+            "doc_start": torch.from_numpy(np.stack(doc_start)),
+        }
+
+    def _next_sample(self) -> tuple[np.ndarray, np.ndarray]:
+        j = self.start_sample + self.dp_rank + self._consumed * self.dp_size
+        lane = j % self.spec.lanes
+        w = self._owner[lane]
+        t0 = time.perf_counter()
+        if self.num_workers == 0:
+            tokens, doc_start, snapshot, delta = self._group.produce(lane, j // self.spec.lanes)
+            busy, readers, counts = time.perf_counter() - t0, self._group.num_readers(), delta.counts
+        else:
+            got_j, tokens, doc_start, snapshot, counts, busy, readers = self._get(w)
+            if got_j != j:
+                raise RuntimeError(f"data worker {w} sent sample {got_j}, expected {j} (loader bug)")
+        self._wait_s += time.perf_counter() - t0
+        self._worker_busy[w] += busy
+        self._worker_samples[w] += 1
+        self._readers[w] = readers
+        self._snapshots[lane] = snapshot
+        self._counters[lane].counts.update(counts)
+        self._consumed += 1
+        return tokens, doc_start
+
+    def _get(self, w: int):
+        q, proc = self._queues[w], self._procs[w]
+        while True:
+            try:
+                item = q.get(timeout=QUEUE_POLL_S)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"data worker {w} ({proc.name}) died with exit code {proc.exitcode}") from None
+                continue
+            if item[0] == "error":
+                _, is_data_error, message, tb = item
+                self.close()
+                if is_data_error:
+                    raise DataError(message)
+                raise RuntimeError(f"data worker {w} failed: {message}\n--- worker traceback ---\n{tb}")
+            return item
+
+    # ------------------------------------------------------------ state and stats
+    def state_dict(self) -> dict:
+        """This rank's state after the last consumed micro-batch (plain types; merge all ranks' to save)."""
+        lanes = []
+        for lane in self.lanes:
+            entry = dict(self._snapshots[lane])
+            entry["counters"] = self._counters[lane].to_state()
+            lanes.append(entry)
+        return {
+            "format": STATE_FORMAT,
+            "kind": "rank",
+            "fingerprint": self.fingerprint,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "start_sample": self.start_sample,
+            "consumed_samples": self._consumed,
+            "lanes": lanes,
+        }
+
+    def stats(self) -> dict:
+        """Counts over this rank's lanes (documents, tokens, skips by kind/shard/source) and loader speed.
+
+        Counts cover everything the lanes read since the start of training (they travel in the state). With
+        data.lanes a multiple of the DP size, the sum over ranks is the global count.
+        """
+        out = DataCounters.total(self._counters.values()).summary()
+        passes = [s["doc_pass"] for s in self._snapshots.values() if s["doc"] is not None] or [0]
+        per_epoch = self.spec.mixture.passes_per_epoch
+        rates = [
+            n * self.seq_length / b for n, b in zip(self._worker_samples, self._worker_busy) if n and b > 0
+        ]
+        out.update(
+            samples=self._consumed,
+            sample_tokens=self._consumed * self.seq_length,
+            next_global_sample=self.start_sample + self.dp_rank + self._consumed * self.dp_size,
+            pass_index=max(passes),
+            epoch=max(passes) // per_epoch,
+            loader_tokens_per_s=sum(rates),
+            wait_s=self._wait_s,
+            workers=self.num_workers,
+            readers=sum(self._readers[: max(self.num_workers, 1)]),
+        )
+        return out
+
+    # ------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Stop and reap the workers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._procs:
+            return
+        self._stop.set()
+        for q in self._queues:
+            try:  # unblock a worker waiting to put
+                while True:
+                    q.get_nowait()
+            except (queue_mod.Empty, OSError, ValueError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for q in self._queues:
+            q.cancel_join_thread()
+            q.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -1,0 +1,263 @@
+"""Packing lanes: documents -> token streams -> samples of `seq_length + 1` tokens with a doc-start mask.
+
+The global sample order (independent of data-parallel size and worker count):
+- record k of the stream (see `stream.py`) belongs to lane `k mod L`; a lane parses, weights and tokenizes only
+  its own records, appends EOS to each document and concatenates them into one token stream;
+- lane l's m-th sample is tokens [m*S, m*S + S] of its stream (S + 1 tokens; consecutive samples share one
+  token so every token is a label once, as in Megatron-LM's GPT dataset, megatron/core/datasets/gpt_dataset.py);
+- global sample j is sample `j // L` of lane `j mod L`.
+
+A lane's state is small: how many samples it produced, the position of the document its next sample starts in
+and the token offset there (re-tokenizing that one document on resume rebuilds the leftover tokens, which are
+always a suffix of one document), plus its counters. A `LaneGroup` serves several lanes from shared readers:
+one decompression pass feeds all of them, each lane queueing its records until it needs them; a lane that falls
+more than `lookahead_bytes` behind gets a reader of its own, so memory stays bounded whatever the document
+lengths.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hgrn_megatron.pretrain.data.counters import DataCounters
+from hgrn_megatron.pretrain.data.mixture import Mixture
+from hgrn_megatron.pretrain.data.shards import (
+    UNKNOWN_SOURCE,
+    BadRecord,
+    DataError,
+    RecordParser,
+    SkipWarner,
+    StreamFault,
+)
+from hgrn_megatron.pretrain.data.stream import START, Position, RecordStream
+
+MAX_PASSES_WITHOUT_DOCUMENT = 3
+
+
+@dataclass
+class PackingSpec:
+    """Everything needed to rebuild the sample streams; picklable, sent to loader workers."""
+
+    paths: list[str]
+    names: list[str]
+    shard_weights: list[float]
+    source_weights: dict[str, float]
+    seed: int
+    lanes: int
+    seq_length: int
+    eos_id: int
+    text_field: str = "text"
+    source_field: str = "meta.pile_set_name"
+    warn_limit: int = 5
+    lookahead_bytes: int = 32 << 20
+    _mixture: Mixture | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def mixture(self) -> Mixture:
+        if self._mixture is None:
+            self._mixture = Mixture(len(self.paths), self.seed, self.shard_weights, self.source_weights)
+        return self._mixture
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_mixture"] = None
+        return state
+
+
+def fresh_lane_state(lane: int) -> dict:
+    return {"lane": lane, "samples": 0, "doc": None, "offset": 0, "doc_pass": 0, "counters": []}
+
+
+class _Reader:
+    """One decompression pass over the stream, shared by the lanes in `lanes`."""
+
+    __slots__ = ("stream", "lanes")
+
+    def __init__(self, stream: RecordStream, lanes: set[int]):
+        self.stream = stream
+        self.lanes = lanes
+
+
+class Lane:
+    """One packing lane: its token buffer, its position, its counters since the last snapshot."""
+
+    def __init__(self, group: "LaneGroup", state: dict):
+        self.group = group
+        self.index = int(state["lane"])
+        self.samples = int(state["samples"])
+        self.doc = Position.from_list(state["doc"]) if state["doc"] is not None else None
+        self.offset = int(state["offset"])
+        self.doc_pass = int(state.get("doc_pass", 0))
+        self.restoring = self.doc is not None
+        self.dispatch_from = self.doc.ordinal if self.doc is not None else 0  # next ordinal this lane accepts
+        self.chunks: deque[list] = deque()  # [tokens int32 array, read offset, document position]
+        self.available = 0
+        self.delta = DataCounters()
+
+    # ------------------------------------------------------------ documents
+    def _pull_document(self) -> None:
+        g = self.group
+        spec = g.spec
+        while True:
+            pos, item, shard = g.next_record(self.index)
+            name = spec.names[shard]
+            if self.restoring:
+                self._restore(pos, item, shard)
+                return
+            if pos.pass_index - self.doc_pass >= MAX_PASSES_WITHOUT_DOCUMENT:
+                raise DataError(
+                    f"packing lane {self.index} found no usable document in {MAX_PASSES_WITHOUT_DOCUMENT} passes "
+                    f"over {len(spec.paths)} shards (too few good records for {spec.lanes} lanes, or mixture "
+                    f"weights near 0?); use fewer data.lanes or check the shards with `hgrn-data verify`"
+                )
+            if isinstance(item, StreamFault):
+                self.delta.add_skip(item.kind, name, UNKNOWN_SOURCE)
+                g.warner(name, pos.line, item.kind, item.detail)
+                continue
+            rec = g.parser(item)
+            if isinstance(rec, BadRecord):
+                self.delta.add_skip(rec.kind, name, rec.source)
+                g.warner(name, pos.line, rec.kind, rec.detail)
+                continue
+            if not spec.mixture.includes(pos.pass_index, shard, pos.line, rec.source):
+                self.delta.add_dropped(rec.source)
+                continue
+            tokens = g.encode(rec.text)
+            self.delta.add_document(rec.source, len(tokens))
+            self.doc_pass = pos.pass_index
+            self.chunks.append([tokens, 0, pos])
+            self.available += len(tokens)
+            return
+
+    def _restore(self, pos: Position, item, shard: int) -> None:
+        """Rebuild the leftover tokens: the saved document from the saved offset (not counted again)."""
+        self.restoring = False
+        rec = None if isinstance(item, StreamFault) else self.group.parser(item)
+        if pos != self.doc or rec is None or isinstance(rec, BadRecord):
+            raise DataError(
+                f"{self.group.spec.paths[shard]} line {pos.line + 1}: the saved data state expects lane "
+                f"{self.index}'s current document here ({self.doc}), but found {pos} / {rec or item}; "
+                f"were the shards changed since the checkpoint?"
+            )
+        tokens = self.group.encode(rec.text)
+        if self.offset >= len(tokens):
+            raise DataError(
+                f"{self.group.spec.paths[shard]} line {pos.line + 1}: saved offset {self.offset} is past the "
+                f"document's {len(tokens)} tokens; was the tokenizer or the shard changed?"
+            )
+        self.chunks.append([tokens, self.offset, pos])
+        self.available += len(tokens) - self.offset
+
+    # ------------------------------------------------------------ samples
+    def next_sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lane's next sample: (tokens int32[S+1], doc_start bool[S+1]); advances the lane by S tokens."""
+        S = self.group.spec.seq_length
+        while self.available < S + 1:
+            self._pull_document()
+        tokens = np.empty(S + 1, dtype=np.int32)
+        doc_start = np.zeros(S + 1, dtype=np.bool_)
+        filled = 0
+        for chunk in self.chunks:
+            arr, start, _ = chunk
+            if start == 0:
+                doc_start[filled] = True
+            take = min(len(arr) - start, S + 1 - filled)
+            tokens[filled : filled + take] = arr[start : start + take]
+            filled += take
+            if filled == S + 1:
+                break
+        # Advance by S tokens: the sample's last token is the next sample's first.
+        advance = S
+        while advance:
+            chunk = self.chunks[0]
+            left = len(chunk[0]) - chunk[1]
+            if left > advance:
+                chunk[1] += advance
+                break
+            advance -= left
+            self.chunks.popleft()
+        self.available -= S
+        self.samples += 1
+        # What remains is a suffix of the last document pulled: the state needs only its position and offset.
+        assert len(self.chunks) == 1, "packing invariant: leftover tokens span one document"
+        self.doc, self.offset = self.chunks[0][2], self.chunks[0][1]
+        return tokens, doc_start
+
+    def snapshot(self) -> dict:
+        """The lane's state after its latest sample (counters excluded: they travel as deltas)."""
+        return {
+            "lane": self.index,
+            "samples": self.samples,
+            "doc": self.doc.to_list() if self.doc is not None else None,
+            "offset": self.offset,
+            "doc_pass": self.doc_pass,
+        }
+
+    def take_delta(self) -> DataCounters:
+        delta, self.delta = self.delta, DataCounters()
+        return delta
+
+
+class LaneGroup:
+    """Produces the samples of a set of lanes (one loader worker's share), reading the shards once for all."""
+
+    def __init__(self, spec: PackingSpec, lane_states: list[dict], tokenizer):
+        self.spec = spec
+        self.parser = RecordParser(spec.text_field, spec.source_field)
+        self.warner = SkipWarner(spec.warn_limit)
+        self._encode = tokenizer.encode
+        self._eos = spec.eos_id
+        self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
+        self.queues: dict[int, deque] = {lane: deque() for lane in self.lanes}
+        self.queued_bytes = dict.fromkeys(self.lanes, 0)
+        self.readers: dict[int, _Reader] = {}
+        if self.lanes:
+            starts = [lane.doc if lane.doc is not None else START for lane in self.lanes.values()]
+            first = min(starts, key=lambda p: p.ordinal)
+            shared = _Reader(RecordStream(spec.paths, spec.names, spec.mixture, first), set(self.lanes))
+            self.readers = dict.fromkeys(self.lanes, shared)
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._encode(text)
+        ids.append(self._eos)
+        return np.asarray(ids, dtype=np.int32)
+
+    def next_record(self, lane: int) -> tuple[Position, bytes | StreamFault, int]:
+        """The next record of `lane`, reading ahead for the other lanes that share its reader."""
+        queue = self.queues[lane]
+        L = self.spec.lanes
+        while not queue:
+            reader = self.readers[lane]
+            pos, item, shard = reader.stream.next()
+            owner = pos.ordinal % L
+            if owner not in reader.lanes or pos.ordinal < self.lanes[owner].dispatch_from:
+                continue  # another worker's lane, or a record this lane consumed before the resume
+            self.queues[owner].append((pos, item, shard))
+            self.lanes[owner].dispatch_from = pos.ordinal + 1
+            if isinstance(item, bytes):
+                self.queued_bytes[owner] += len(item)
+                if owner != lane and self.queued_bytes[owner] > self.spec.lookahead_bytes and len(reader.lanes) > 1:
+                    # `owner` lags far behind the lanes it shares a reader with: give it its own reader,
+                    # starting where the shared one stands, instead of buffering without bound.
+                    reader.lanes.discard(owner)
+                    stream = RecordStream(self.spec.paths, self.spec.names, self.spec.mixture, reader.stream.position)
+                    self.readers[owner] = _Reader(stream, {owner})
+        pos, item, shard = queue.popleft()
+        if isinstance(item, bytes):
+            self.queued_bytes[lane] -= len(item)
+        return pos, item, shard
+
+    def produce(self, lane: int, sample_index: int) -> tuple[np.ndarray, np.ndarray, dict, DataCounters]:
+        """Sample `sample_index` of `lane` (skipping earlier ones another rank takes), its snapshot and counts."""
+        state = self.lanes[lane]
+        if sample_index < state.samples:
+            raise RuntimeError(f"lane {lane} already produced sample {sample_index}")
+        while state.samples < sample_index:
+            state.next_sample()
+        tokens, doc_start = state.next_sample()
+        return tokens, doc_start, state.snapshot(), state.take_delta()
+
+    def num_readers(self) -> int:
+        return len({id(r) for r in self.readers.values()})

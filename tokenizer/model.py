@@ -1,0 +1,129 @@
+"""`Tokenizer`: a trained SentencePiece model plus its metadata file, checked on load.
+
+A tokenizer directory holds `tokenizer.model`, `tokenizer.vocab` and `tokenizer.json` (metadata: vocab size,
+special ids, the model file's sha256, how it was trained). Loading recomputes the sha256 and compares, so a run
+never silently trains or resumes with a different tokenizer than the one recorded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import sentencepiece as spm
+
+METADATA_FORMAT = "hgrn-tokenizer/1"
+MODEL_FILE, VOCAB_FILE, METADATA_FILE = "tokenizer.model", "tokenizer.vocab", "tokenizer.json"
+# Fixed special ids: the same in every model this project trains.
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+
+
+class TokenizerError(ValueError):
+    """A missing, corrupt or mismatched tokenizer file; names the file."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
+    """The embedding rows: `vocab_size` rounded up to a multiple of `multiple * tp_size`.
+
+    As Megatron-LM pads (megatron/training/tokenizer/tokenizer.py, `_vocab_size_with_padding`): every TP rank
+    gets an equal, aligned slice of the vocabulary. The padding rows are never produced by the tokenizer.
+    """
+    if vocab_size <= 0 or tp_size <= 0 or multiple <= 0:
+        raise ValueError(f"padded_vocab_size: sizes must be positive (vocab {vocab_size}, tp {tp_size}, multiple {multiple})")
+    unit = multiple * tp_size
+    return -(-vocab_size // unit) * unit
+
+
+def vocab_padding(vocab_size: int, tp_size: int, multiple: int = 128) -> dict:
+    """The padding, as recorded in a run's state: sizes and how many rows are padding."""
+    padded = padded_vocab_size(vocab_size, tp_size, multiple)
+    return {"vocab_size": vocab_size, "padded_vocab_size": padded, "padding": padded - vocab_size,
+            "multiple": multiple, "tp_size": tp_size}
+
+
+def metadata_path_for(model_path: Path) -> Path:
+    """`DIR/tokenizer.model` -> `DIR/tokenizer.json`; `DIR/name.model` -> `DIR/name.json`."""
+    return model_path.with_suffix(".json")
+
+
+class Tokenizer:
+    """A SentencePiece tokenizer with fixed special ids (unk 0, bos 1, eos 2, pad 3) and byte fallback."""
+
+    def __init__(self, model_path: str | Path, metadata: dict):
+        self.model_path = Path(model_path)
+        self.metadata = metadata
+        self.sha256 = metadata["sha256"]
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self.vocab_size = self._sp.get_piece_size()
+        self.unk_id, self.bos_id = self._sp.unk_id(), self._sp.bos_id()
+        self.eos_id, self.pad_id = self._sp.eos_id(), self._sp.pad_id()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load from the `.model` file or its directory; check the metadata file's sha256, size and ids."""
+        path = Path(path)
+        model_path = path / MODEL_FILE if path.is_dir() else path
+        if not model_path.is_file():
+            raise TokenizerError(f"tokenizer model {model_path} does not exist (train one with `hgrn-tokenizer train`)")
+        meta_path = metadata_path_for(model_path)
+        if not meta_path.is_file():
+            raise TokenizerError(f"{meta_path}: metadata file missing; every tokenizer.model needs its tokenizer.json")
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise TokenizerError(f"{meta_path}: not readable JSON ({err})") from None
+        if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
+            raise TokenizerError(f"{meta_path}: expected a metadata object with format '{METADATA_FORMAT}'")
+        actual = sha256_file(model_path)
+        if metadata.get("sha256") != actual:
+            raise TokenizerError(
+                f"{model_path}: sha256 {actual[:16]}... does not match {meta_path.name} "
+                f"({str(metadata.get('sha256'))[:16]}...); the model file was replaced or corrupted"
+            )
+        try:
+            tok = cls(model_path, metadata)
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(f"{model_path}: not a SentencePiece model ({err})") from None
+        recorded = {"vocab_size": metadata.get("vocab_size"), **metadata.get("special_ids", {})}
+        found = {"vocab_size": tok.vocab_size, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+        if recorded != found:
+            raise TokenizerError(f"{meta_path}: records {recorded}, but {model_path.name} has {found}")
+        return tok
+
+    # ------------------------------------------------------------ encoding
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS/EOS added); any UTF-8 round-trips through `decode` via byte fallback."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts with SentencePiece's own thread pool (`num_threads` default: all CPUs)."""
+        return self._sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    # Workers started with spawn receive the tokenizer by pickling: send the path, reload (and re-check) there.
+    def __getstate__(self):
+        return {"model_path": str(self.model_path), "sha256": self.sha256}
+
+    def __setstate__(self, state):
+        other = Tokenizer.load(state["model_path"])
+        if other.sha256 != state["sha256"]:
+            raise TokenizerError(f"{other.model_path}: changed on disk while in use (sha256 {other.sha256[:16]}...)")
+        self.__dict__.update(other.__dict__)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.model_path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
