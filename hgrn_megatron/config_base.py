@@ -51,5 +51,7 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, where:
             lines.append(f"{dotted}: unknown key{hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{dotted}: {msg} (got {e.get('input')!r})")
+            value = e.get("input")
+            got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"  # sections: the msg says it
+            lines.append(f"{dotted}: {msg}{got}")
     return "\n".join(lines)

@@ -14,7 +14,6 @@ from pydantic import Field, model_validator
 
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.config_base import ConfigError, ConfigNode
-from hgrn_megatron.presets import get_preset
 from hgrn_megatron.pretrain.data.config import DataConfig
 from hgrn_megatron.tokenizer.config import TokenizerConfig
 
@@ -172,19 +171,6 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def resolve_presets(tree: dict) -> dict:
-    """`model.preset: NAME` fills the model section from the preset; explicit model keys win."""
-    model = tree.get("model") or {}
-    name = model.get("preset")
-    if name:
-        try:
-            base = get_preset(name)
-        except KeyError as err:
-            raise ConfigError(f"model.preset: {err.args[0] if err.args else name}") from None
-        tree = {**tree, "model": {**base, **model}}
-    return tree
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     tree: dict = {}
     if path is not None:
@@ -197,7 +183,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    tree = resolve_presets(apply_overrides(tree, list(overrides)))
+    tree = apply_overrides(tree, list(overrides))
     return RunConfig.build(tree)
 
 

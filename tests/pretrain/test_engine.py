@@ -15,10 +15,10 @@ pytestmark = [pytest.mark.distributed]
 
 
 def _train(tree: dict, resume: str = "auto"):
-    from hgrn_megatron.pretrain.config import RunConfig, resolve_presets
+    from hgrn_megatron.pretrain.config import RunConfig
     from hgrn_megatron.pretrain.trainer import train
 
-    result = train(RunConfig.build(resolve_presets(tree)), resume=resume)
+    result = train(RunConfig.build(tree), resume=resume)
     return result.exit_code, result.step
 
 
