@@ -42,8 +42,11 @@ def patch_for_cpu() -> None:
 
     # megatron's dist_checkpointing calls torch.cuda.synchronize() while saving; there is nothing to sync.
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    import importlib
+
     try:
-        import deepspeed.comm.torch as ds_comm_torch
+        # `import deepspeed.comm.torch as m` would bind the *torch* package (deepspeed.comm imports torch).
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
     # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (25-40 s) at init_distributed,

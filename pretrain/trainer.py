@@ -46,6 +46,19 @@ def _seed_rank_rngs(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(s)
 
 
+def _data_totals(stats: dict, dp_group) -> dict:
+    """Documents read and bad records skipped (by kind), summed over data-parallel ranks."""
+    from hgrn_megatron.pretrain.data import SKIP_KINDS
+
+    kinds = stats.get("skipped_by_kind", {})
+    t = torch.tensor([stats["documents"]] + [kinds.get(k, 0) for k in SKIP_KINDS], dtype=torch.float64)
+    dist.all_reduce(t, group=dp_group)
+    out = {"data_documents": int(t[0]), "data_skipped_records": int(t[1:].sum())}
+    out.update({f"data_skipped/{k}": int(v) for k, v in zip(SKIP_KINDS, t[1:].tolist()) if v})
+    out["data_loader_tokens_per_s"] = stats.get("loader_tokens_per_s")
+    return out
+
+
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
     from megatron.core import parallel_state as ps
@@ -190,7 +203,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
             if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = interval_steps * cfg.train.global_batch_size * seq / max(elapsed, 1e-9)
-                stats = loader.stats()
+                data_totals = _data_totals(loader.stats(), ps.get_data_parallel_group())
                 record = {
                     "split": "train", "step": step, "total_steps": cfg.train.steps,
                     "loss": float(np.mean(interval_losses)) if interval_losses else float("nan"),
@@ -201,7 +214,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                     "step_time_s": elapsed / interval_steps,
                     "eta_s": (cfg.train.steps - step) * elapsed / interval_steps,
                     "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * seq,
-                    "data_documents": stats.get("documents"), "data_skipped_records": stats.get("skipped_total"),
+                    **data_totals,
                 }
                 if rank == 0:
                     log.info(console_line(record))
