@@ -1,0 +1,60 @@
+"""Validation samples: fixed, identical at any DP size, every token labelled with its document's source."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data_harness import ASSETS, data_config
+from hgrn_megatron.pretrain.data import build_validation_batches
+from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents
+
+VAL = str(ASSETS / "pile-mini" / "val.jsonl.zst")
+S = 64
+
+
+def global_samples(cfg, tokenizer, mb, dp):
+    """All ranks' validation samples, back in global order."""
+    outs = [build_validation_batches(cfg, tokenizer, S, mb, r, dp) for r in range(dp)]
+    assert all(o["source_names"] == outs[0]["source_names"] for o in outs)
+    rows = {}
+    for r, out in enumerate(outs):
+        tokens = torch.cat([b["tokens"] for b in out["batches"]])
+        sources = torch.cat([b["source_ids"] for b in out["batches"]])
+        starts = torch.cat([b["doc_start"] for b in out["batches"]])
+        for k in range(len(tokens)):
+            rows[r + k * dp] = (tokens[k], sources[k], starts[k])
+    assert sorted(rows) == list(range(outs[0]["samples"]))
+    return outs[0], [rows[j] for j in sorted(rows)]
+
+
+def test_validation_is_the_same_at_any_dp_size(tokenizer):
+    cfg = data_config(VAL, valid_shards=[VAL], valid_samples=21)
+    ref_out, ref = global_samples(cfg, tokenizer, 4, 1)
+    assert ref_out["samples"] == 21 and ref_out["skipped"] == {}
+    assert len(ref_out["batches"][-1]["tokens"]) == 1  # 21 = 5 x 4 + 1: a short last micro-batch
+    for dp, mb in [(2, 3), (4, 1), (3, 2)]:
+        _, rows = global_samples(cfg, tokenizer, mb, dp)
+        for a, b in zip(ref, rows):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_tokens_and_sources_follow_the_documents(tokenizer):
+    cfg = data_config(VAL, valid_shards=[VAL], valid_samples=10_000)  # more than the shard holds: all of it
+    out, rows = global_samples(cfg, tokenizer, 8, 1)
+    docs = [d for _, d in iter_documents(VAL, RecordParser())]
+    want_tokens = np.concatenate([np.array(tokenizer.encode(d.text) + [tokenizer.eos_id]) for d in docs])
+    want_sources = np.concatenate(
+        [np.full(len(tokenizer.encode(d.text)) + 1, out["source_names"].index(d.source)) for d in docs]
+    )
+    assert out["samples"] == (len(want_tokens) - 1) // S
+    assert set(out["source_names"]) == {d.source for d in docs}
+    for j, (tokens, sources, starts) in enumerate(rows):
+        span = slice(j * S, j * S + S + 1)
+        assert np.array_equal(tokens.numpy(), want_tokens[span])
+        assert np.array_equal(sources.numpy(), want_sources[span])
+        assert starts.dtype == torch.bool
+
+
+def test_no_validation_shards_means_no_batches(tokenizer):
+    out = build_validation_batches(data_config(VAL), tokenizer, S, 2, 0, 1)
+    assert out["batches"] == [] and out["source_names"] == []

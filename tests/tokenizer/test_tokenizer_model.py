@@ -1,0 +1,102 @@
+"""The shipped tokenizer: exact round trips for any UTF-8, fixed special ids, metadata checks, vocab padding."""
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents
+from hgrn_megatron.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, padded_vocab_size, vocab_padding
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+TRICKY = [
+    "",
+    " ",
+    "  leading and trailing spaces  ",
+    "tabs\tand\r\nwindows newlines\n\n\nand blank lines",
+    "    def indented(code):\n        return {'x': [1, 2.5e-3]}\n",
+    "digits 0123456789 and 3.14159 and 1,000,000",
+    "emoji 😀👍🏽🇫🇷 and CJK 漢字かな한국어 and RTL עברית العربية",
+    "ligatures ﬁ ﬂ, full-width ＡＢＣ１２３, compatibility ① Ⅻ ㎏",  # identity normalisation keeps them
+    "combining a\u0301 e\u0308 and zero-width \u200b\u200d joiners",
+    "control \x00\x01\x07\x1b[0m \x7f and a BOM \ufeff",
+    "unknown to the sample: ᚠᚢᚦ ꙮ 𓀀 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+
+def random_unicode(rng: random.Random, n: int) -> str:
+    planes = [(0x20, 0x7E), (0xA0, 0x2FFF), (0x3000, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x1FAFF)]
+    out = []
+    for _ in range(n):
+        lo, hi = rng.choice(planes)
+        out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+def test_round_trip_is_exact(shipped_tokenizer):
+    tok = shipped_tokenizer
+    rng = random.Random(0)
+    texts = TRICKY + [random_unicode(rng, rng.randint(1, 200)) for _ in range(200)]
+    texts += [d.text for _, d in iter_documents(ASSETS / "pile-mini" / "val.jsonl.zst", RecordParser())]
+    for text in texts:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.unk_id not in ids, "byte fallback: nothing is unknown"
+        assert tok.decode(ids) == text, repr(text[:60])
+
+
+def test_encode_batch_matches_encode(shipped_tokenizer):
+    texts = TRICKY * 3
+    assert shipped_tokenizer.encode_batch(texts, num_threads=2) == [shipped_tokenizer.encode(t) for t in texts]
+
+
+def test_special_ids_and_digit_splitting(shipped_tokenizer):
+    tok = shipped_tokenizer
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == tuple(SPECIAL_IDS[k] for k in ("unk", "bos", "eos", "pad"))
+    assert tok.vocab_size == 2048
+    assert [tok.id_to_piece(i) for i in tok.encode("2024")] == ["2", "0", "2", "4"]
+    for special in (tok.bos_id, tok.eos_id, tok.pad_id):
+        assert special not in tok.encode("<s></s><pad>"), "special pieces are never produced from text"
+
+
+def test_padded_vocab_size_matches_megatron():
+    assert padded_vocab_size(50257, 1) == 50304  # GPT-2's vocab as Megatron pads it
+    assert padded_vocab_size(50257, 8) == 51200
+    assert padded_vocab_size(32000, 2) == 32000
+    assert padded_vocab_size(2048, 4) == 2048 and padded_vocab_size(2049, 1) == 2176
+    assert vocab_padding(2049, 2) == {"vocab_size": 2049, "padded_vocab_size": 2304, "padding": 255,
+                                      "multiple": 128, "tp_size": 2}
+    with pytest.raises(ValueError):
+        padded_vocab_size(100, 0)
+
+
+def test_load_accepts_the_directory_or_the_model_file(shipped_tokenizer):
+    by_file = Tokenizer.load(ASSETS / "tokenizer" / "tokenizer.model")
+    assert by_file.sha256 == shipped_tokenizer.sha256 == json.loads((ASSETS / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+    clone = pickle.loads(pickle.dumps(shipped_tokenizer))  # how spawned loader workers receive it
+    assert clone.encode("pickled tokenizer") == shipped_tokenizer.encode("pickled tokenizer")
+
+
+def test_load_refuses_a_mismatched_or_incomplete_tokenizer(tmp_path):
+    copy = tmp_path / "tok"
+    shutil.copytree(ASSETS / "tokenizer", copy)
+    meta = json.loads((copy / "tokenizer.json").read_text())
+
+    (copy / "tokenizer.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    with pytest.raises(TokenizerError, match=r"tokenizer.model: sha256 .* does not match tokenizer.json"):
+        Tokenizer.load(copy)
+
+    (copy / "tokenizer.json").write_text(json.dumps({**meta, "special_ids": {**meta["special_ids"], "eos": 5}}))
+    with pytest.raises(TokenizerError, match=r"records .*'eos': 5.* but tokenizer.model has"):
+        Tokenizer.load(copy)
+
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: metadata file missing"):
+        Tokenizer.load(copy)
+    with pytest.raises(TokenizerError, match=r"does not exist"):
+        Tokenizer.load(tmp_path / "nowhere")
