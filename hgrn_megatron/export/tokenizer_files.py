@@ -73,8 +73,7 @@ def build_fast_tokenizer(model_path: Path):
     return tokenizer
 
 
-def write_tokenizer_files(model_path: Path, out_dir: Path, *, model_max_length: int | None = None,
-                          verify_texts: tuple[str, ...] | list[str] = ()) -> dict:
+def write_tokenizer_files(model_path: Path, out_dir: Path, *, verify_texts: tuple[str, ...] | list[str] = ()) -> dict:
     """Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into
     `out_dir`, then load them back with `AutoTokenizer` and check ids and decoded text against SentencePiece
     on the probe texts, `verify_texts` and every single token. Returns the special-token ids."""
@@ -99,7 +98,7 @@ def write_tokenizer_files(model_path: Path, out_dir: Path, *, model_max_length: 
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "add_eos_token": False,
-        "model_max_length": model_max_length if model_max_length else 10**30,
+        "model_max_length": 10**30,  # a recurrent model has no context limit
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,75 @@
+"""Export tests: a tiny tokenizer of the framework's own format, shared by every test in this folder."""
+from __future__ import annotations
+
+import glob
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ASSET_TOKENIZER = REPO / "tests" / "assets" / "tokenizer"
+TEXT_SHARDS = [REPO / "tests" / "assets" / "pile-mini", REPO.parent / "shared" / "data" / "pile-sample"]
+
+
+def text_shards() -> list[str]:
+    """Pile-format shards to train a tokenizer on and to read sample text from (the shipped sample first)."""
+    for folder in TEXT_SHARDS:
+        found = sorted(glob.glob(str(folder / "*.jsonl.zst")))
+        if found:
+            return found
+    pytest.skip("no Pile-format text shards (tests/assets/pile-mini is empty)")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """The shipped test tokenizer, or (before one ships) a 512-piece BPE model trained on the sample text."""
+    from hgrn_megatron.tokenizer import Tokenizer, train_tokenizer
+
+    if (ASSET_TOKENIZER / "tokenizer.model").is_file():
+        Tokenizer.load(ASSET_TOKENIZER)
+        return ASSET_TOKENIZER
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(text_shards()[:1], out, vocab_size=512, sample_chars=300_000, character_coverage=0.995, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    """A few real documents (Pile format) for tokenizer parity."""
+    import io
+    import json
+
+    import zstandard
+
+    texts = []
+    with open(text_shards()[-1], "rb") as fh:
+        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8")
+        for line in reader:
+            texts.append(json.loads(line)["text"][:4000])
+            if len(texts) == 12:
+                break
+    return texts
+
+
+# TEMPORARY until hgrn_megatron.kernels.hgrn_scan lands: a float64 loop stands in for the native model's scan.
+from hgrn_megatron import kernels  # noqa: E402
+
+if not hasattr(kernels, "hgrn_scan"):
+    import torch
+
+    def _scan_loop(x, g, *, theta=None, initial_state=None, output_final_state=False, reset=None, backend="auto"):
+        rotation = None if theta is None else torch.complex(torch.cos(theta.double()), torch.sin(theta.double()))
+        xs = torch.view_as_complex(x.double().contiguous()) if theta is not None else x.double()
+        h, out = torch.zeros_like(xs[:, 0]), []
+        for t in range(g.shape[1]):
+            decay = torch.exp(g[:, t].double())
+            if rotation is not None:
+                decay = decay * rotation
+            if reset is not None:
+                decay = torch.where(reset[:, t, None], torch.zeros_like(decay), decay)
+            h = decay * h + xs[:, t]
+            out.append(h)
+        y = torch.stack(out, dim=1)
+        return (torch.view_as_real(y) if theta is not None else y).to(x.dtype), None
+
+    kernels.hgrn_scan = _scan_loop
