@@ -1,7 +1,7 @@
 """A stand-in for the trainer that keeps its launch contract and nothing else, for testing launch scripts.
 
 Rank and world come from torchrun's or SLURM's variables; each step appends `{"step": n}` to
-RUN_DIR/metrics.jsonl (rank 0); USR1 means save at the next step boundary and exit 75; a start resumes from
+RUN_DIR/metrics.jsonl (rank 0); USR1 or TERM means save at the next step boundary and exit 75; a start resumes from
 the saved step. Each process also records what the launcher gave it in RUN_DIR/launches/rank-R.jsonl.
 The config is a JSON file (`run_dir`, `steps`, `step_seconds`, optional `fail_with`: exit at once with that
 code); `key=value` arguments after it override its keys.
@@ -26,8 +26,11 @@ torchrun = "RANK" in env
 rank = int(env["RANK"] if torchrun else env["SLURM_PROCID"])
 world = int(env["WORLD_SIZE"] if torchrun else env["SLURM_NTASKS"])
 
+# As the trainer: USR1 and TERM both mean "save at the next step boundary, exit 75". (torchrun sends TERM to
+# the other workers as soon as one has exited.)
 preempted = []
-signal.signal(signal.SIGUSR1, lambda signum, frame: preempted.append(signum))
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: preempted.append(signum))
 
 ckpt = os.path.join(run_dir, "checkpoint.json")
 start = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0

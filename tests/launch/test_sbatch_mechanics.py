@@ -48,10 +48,11 @@ def test_launch_pattern_gives_each_rank_its_environment(slurm_cluster, tmp_path,
         assert rec["triton_cache"].endswith("hgrn-triton-cache-" + __import__("getpass").getuser())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
-    steps = 30
-    run_dir, config, env = setup_run(tmp_path, steps=steps, step_seconds=0.25)
+    steps = 20
+    run_dir, config, env = setup_run(tmp_path, steps=steps, step_seconds=0.2)
     log = tmp_path / "job.out"
     job_id = slurm_cluster.submit(str(config), env={**env, "HGRN_LAUNCHER": launcher}, options=(f"--output={log}",))
     _wait_for_steps(run_dir, 3, timeout=90, cluster=slurm_cluster, job_id=job_id)
