@@ -17,8 +17,9 @@ from hgrn_megatron.config import ModelConfig
 BACKWARD_FACTOR = 2.0  # backward FLOPs / forward FLOPs, for matmuls and (by convention) elementwise work
 
 # Elementwise FLOPs per token, per HGRU channel or feature (see HGRU.forward):
-#   gates per channel: logsigmoid(f), + log1p(-γ), logaddexp(log γ, .) for log λ; sigmoid(-f) · (1-γ) for 1-λ
-GATE_FLOPS_PER_CHANNEL = 5
+#   gates per channel: sigmoid(-f)·(1-γ) for 1-λ (2); logsigmoid(f) + log1p(-γ), logaddexp(log γ, .) (3),
+#   log1p(-(1-λ)) and the select between the two forms of log λ (2)
+GATE_FLOPS_PER_CHANNEL = 7
 #   input per feature: silu = 2, times (1-λ) = 1
 INPUT_FLOPS_PER_FEATURE = 3
 #   scan per channel: real exp(g)·h + x = 3; complex exp(g)·(cos θ, sin θ) = 2, complex mul = 6, complex add = 2

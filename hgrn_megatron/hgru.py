@@ -147,17 +147,24 @@ class HGRUOptions:
 def forget_gate(f: torch.Tensor, lower_bound: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`(log λ, 1 − λ)` for λ = γ + (1 − γ)·σ(f), in fp32, without ever rounding λ itself.
 
-    log λ = logaddexp(log γ, log(1 − γ) + logσ(f)) and 1 − λ = (1 − γ)·σ(−f): both stay accurate when λ is
-    within an ulp of 1, where `log(λ)` and `1 − λ` of a rounded λ would be 0. γ = None means γ = 0.
+    1 − λ = (1 − γ)·σ(−f) exactly. log λ takes whichever form is accurate: log1p(−(1 − λ)) when λ > 1/2 (λ
+    within an ulp of 1 still gives the right tiny log λ, where `log` of a rounded λ would give 0), and
+    logaddexp(log γ, log(1 − γ) + logσ(f)) otherwise (accurate for small λ, and never above log 1/2, so the
+    scan's log gate stays <= 0). γ = None means γ = 0.
     """
     f = f.float()
+    one_minus_lambda = torch.sigmoid(-f)
     if lower_bound is None:
-        return F.logsigmoid(f), torch.sigmoid(-f)
-    gamma = lower_bound.float()
-    # γ > 0 in every layer that has one (softmax weights are positive); the clamp only guards underflow.
-    log_gamma = torch.log(gamma.clamp_min(torch.finfo(torch.float32).tiny))
-    log_lambda = torch.logaddexp(log_gamma, torch.log1p(-gamma) + F.logsigmoid(f))
-    return log_lambda, (1.0 - gamma) * torch.sigmoid(-f)
+        log_lambda = F.logsigmoid(f)
+    else:
+        gamma = lower_bound.float()
+        one_minus_lambda = (1.0 - gamma) * one_minus_lambda
+        # γ > 0 in every layer that has one (softmax weights are positive); the clamp only guards underflow.
+        log_gamma = torch.log(gamma.clamp_min(torch.finfo(torch.float32).tiny))
+        log_lambda = torch.logaddexp(log_gamma, torch.log1p(-gamma) + F.logsigmoid(f))
+    # The clamp keeps the branch torch.where discards finite (its gradient would be 0·inf = NaN at λ = 0).
+    near_one = torch.log1p(-one_minus_lambda.clamp(max=0.5))
+    return torch.where(one_minus_lambda < 0.5, near_one, log_lambda), one_minus_lambda
 
 
 class HGRU(MegatronModule):
