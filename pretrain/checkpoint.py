@@ -232,12 +232,28 @@ def convert_to_universal(ckpt_dir: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     tmp = ckpt_dir / (DS_UNIVERSAL_TAG + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    source = ckpt_dir / (DS_TAG + ".universal-input")
+    for stale in (tmp, source):
+        shutil.rmtree(stale, ignore_errors=True)
+    # megatron modules keep an `_extra_state` entry (None) in their state dicts, which the converter cannot
+    # write; it reads a view of `ds/` whose model-state files drop those entries (ZeRO shards are symlinked).
+    source.mkdir()
+    for path in (ckpt_dir / DS_TAG).iterdir():
+        if path.name.endswith("model_states.pt"):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if isinstance(state.get("module"), dict):
+                state["module"] = {k: v for k, v in state["module"].items() if v is not None}
+            torch.save(state, source / path.name)
+        else:
+            os.symlink(path.resolve(), source / path.name)
     args = argparse.Namespace(
-        input_folder=str(ckpt_dir / DS_TAG), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        input_folder=str(source), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True,
     )
-    ds_to_universal(args)
+    try:
+        ds_to_universal(args)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
     os.replace(tmp, out)
 
 

@@ -46,6 +46,27 @@ def _seed_rank_rngs(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(s)
 
 
+def _grad_norm(engine) -> float:
+    """Global L2 norm of the (already data-parallel-reduced) gradients, counting TP-replicated ones once."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu)) if params else 0.0
+
+
+def _step_without_update(engine) -> None:
+    """engine.step() (micro-step counters, zeroed gradients) without touching parameters or AdamW state."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()  # finite, so DeepSpeed's clipping pass computes a norm of 0
+    optimizer = engine.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the bound method once
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+
+
 def _data_totals(stats: dict, dp_group) -> dict:
     """Documents read and bad records skipped (by kind), summed over data-parallel ranks."""
     from hgrn_megatron.pretrain.data import SKIP_KINDS
@@ -170,11 +191,13 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                     loss = loss * float("nan")
                 engine.backward(loss)
                 local_losses.append(loss.detach())
-                if micro == ga - 1 and zero0 and all_reduce_flag(not torch.isfinite(torch.stack(local_losses)).all()):
-                    # ZeRO >= 1 and bf16 skip non-finite updates inside DeepSpeed; plain fp32 DDP does not, and
-                    # AdamW leaves parameters without gradients untouched.
-                    for p in engine.module.parameters():
-                        p.grad = None
+                if micro == ga - 1 and zero0:
+                    # ZeRO >= 1 and bf16 measure the gradient norm and skip non-finite updates inside DeepSpeed;
+                    # plain fp32 data parallelism does neither, so the trainer does both here.
+                    zero0_grad_norm = _grad_norm(engine)
+                    if all_reduce_flag(not (math.isfinite(zero0_grad_norm) and torch.isfinite(torch.stack(local_losses)).all())):
+                        _step_without_update(engine)
+                        continue
                 engine.step()
             step += 1
             consumed_samples += cfg.train.global_batch_size
@@ -182,7 +205,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
             step_loss = torch.stack(local_losses).mean()
             dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
             step_loss = step_loss.item() / dp_size
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = zero0_grad_norm if zero0 else engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             applied = engine.was_step_applied() and math.isfinite(step_loss) and math.isfinite(grad_norm)
             if applied:

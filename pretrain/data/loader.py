@@ -69,13 +69,25 @@ def rank_samples(start: int, dp_rank: int, dp_size: int):
         j += dp_size
 
 
+def _put(out_queue, item, stop, parent_pid) -> bool:
+    """Put `item`, waiting for room; False if the trainer asked us to stop or is gone."""
+    while True:
+        if stop.is_set() or os.getppid() != parent_pid:
+            out_queue.cancel_join_thread()  # nobody will read what is still buffered
+            return False
+        try:
+            out_queue.put(item, timeout=QUEUE_POLL_S)
+            return True
+        except queue_mod.Full:
+            continue
+
+
 def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, out_queue, stop, parent_pid):
     """Loader worker: produce this worker's lanes' samples in the rank's order, `prefetch` ahead at most."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and closes us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption notices are for the trainer
-    out_queue.cancel_join_thread()  # never block exit on unread samples
     try:
         group = LaneGroup(spec, lane_states, tokenizer)
         mine = set(group.lanes)
@@ -87,17 +99,12 @@ def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, 
                 continue
             tokens, doc_start, snapshot, delta = group.produce(lane, j // L)
             item = (j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0, group.num_readers())
-            while True:
-                if stop.is_set() or os.getppid() != parent_pid:
-                    return
-                try:
-                    out_queue.put(item, timeout=QUEUE_POLL_S)
-                    break
-                except queue_mod.Full:
-                    continue
+            if not _put(out_queue, item, stop, parent_pid):
+                return
             t0 = time.perf_counter()
     except BaseException as err:  # noqa: BLE001 - report everything to the trainer
-        out_queue.put(("error", isinstance(err, DataError), f"{type(err).__name__}: {err}", traceback.format_exc()))
+        error = ("error", isinstance(err, DataError), f"{type(err).__name__}: {err}", traceback.format_exc())
+        _put(out_queue, error, stop, parent_pid)  # the queue's feeder thread flushes it before we exit
 
 
 class TrainLoader:
@@ -209,9 +216,12 @@ class TrainLoader:
             try:
                 item = q.get(timeout=QUEUE_POLL_S)
             except queue_mod.Empty:
-                if not proc.is_alive():
+                if proc.is_alive():
+                    continue
+                try:  # it may have put something just before exiting
+                    item = q.get(timeout=QUEUE_POLL_S)
+                except queue_mod.Empty:
                     raise RuntimeError(f"data worker {w} ({proc.name}) died with exit code {proc.exitcode}") from None
-                continue
             if item[0] == "error":
                 _, is_data_error, message, tb = item
                 self.close()
