@@ -60,7 +60,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
             special = write_tokenizer_files(tokenizer_path, tmp)
         except TokenizerExportError as err:
             raise ExportError(str(err)) from None
-        vocab_size = special.pop("vocab_size")
+        vocab_size, tokenizer_kind = special.pop("vocab_size"), special.pop("kind")
         if contents.run_state.get("vocab_size") not in (None, vocab_size):
             raise ExportError(f"tokenizer {tokenizer_path} has {vocab_size} tokens; the checkpoint was trained "
                               f"with {contents.run_state['vocab_size']}")
@@ -78,7 +78,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
         write_safetensors(weights, tmp, max_shard_bytes)
-        (tmp / "README.md").write_text(model_card(config, contents, fmt, dtype))
+        (tmp / "README.md").write_text(model_card(config, contents, fmt, dtype, tokenizer_kind))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -168,7 +168,7 @@ def write_safetensors(weights: dict[str, torch.Tensor], out: Path, max_shard_byt
     return names
 
 
-def model_card(config: dict[str, Any], contents, fmt: str, dtype: str) -> str:
+def model_card(config: dict[str, Any], contents, fmt: str, dtype: str, tokenizer_kind: str = "fast") -> str:
     rs = contents.run_state
     val = rs.get("last_val_loss")
     tokens = rs.get("consumed_tokens")
@@ -177,9 +177,10 @@ def model_card(config: dict[str, Any], contents, fmt: str, dtype: str) -> str:
             ("trained at", f"TP {rs.get('tp_size', 1)}, ZeRO {rs.get('zero_stage', '?')}"),
             ("exported as", f"{fmt} format, {dtype}")]
     cfg_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in config.items())
+    remote_tokenizer = ", trust_remote_code=True" if tokenizer_kind == "sentencepiece" else ""
     if fmt == "native":
         usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                 "tok = AutoTokenizer.from_pretrained(PATH)\n"
+                 f"tok = AutoTokenizer.from_pretrained(PATH{remote_tokenizer})\n"
                  "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
                  "ids = tok(\"Once upon a time\", return_tensors=\"pt\").input_ids\n"
                  "print(tok.decode(model.generate(ids, max_new_tokens=32)[0], skip_special_tokens=True))\n```\n")

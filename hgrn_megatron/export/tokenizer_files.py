@@ -1,10 +1,12 @@
-"""Tokenizer files of an exported model: the SentencePiece model plus a `tokenizer.json` that transformers'
-`AutoTokenizer` loads without remote code, proven to give the same ids and text as SentencePiece itself.
+"""Tokenizer files of an exported model: the SentencePiece model plus what `AutoTokenizer` needs to encode and
+decode exactly like it, proven on write.
 
-The `tokenizer.json` is built from the SentencePiece model proto by transformers' converter, which follows the
-model's own normaliser settings (whitespace handling, dummy prefix, byte fallback). Special-token strings that
-appear in text are encoded as text, as SentencePiece does (`split_special_tokens`); no BOS/EOS is added, as
-the framework's `Tokenizer.encode` adds none.
+Preferred: a `tokenizer.json` built from the SentencePiece model proto by transformers' converter, which follows
+the model's own normaliser settings (whitespace handling, dummy prefix, byte fallback); it loads without remote
+code. Where that conversion is not exact (a unigram lattice can match control or byte pieces written literally
+in text, which SentencePiece never does), the exact fallback is a small tokenizer class that calls
+SentencePiece itself. Special-token strings in text are encoded as text, as SentencePiece does
+(`split_special_tokens`); no BOS/EOS is added, as the framework's `Tokenizer.encode` adds none.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ PROBE_TEXTS = (
     " ",
     "x" * 300,
 )
+
+
+SENTENCEPIECE_TOKENIZER_FILE = "tokenization_hgrn.py"
 
 
 class TokenizerExportError(RuntimeError):
@@ -74,9 +79,15 @@ def build_fast_tokenizer(model_path: Path):
 
 
 def write_tokenizer_files(model_path: Path, out_dir: Path, *, verify_texts: tuple[str, ...] | list[str] = ()) -> dict:
-    """Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into
-    `out_dir`, then load them back with `AutoTokenizer` and check ids and decoded text against SentencePiece
-    on the probe texts, `verify_texts` and every single token. Returns the special-token ids."""
+    """Write the tokenizer files into `out_dir` and prove them against SentencePiece (probe texts,
+    `verify_texts`, every single token). Returns the special-token ids, the vocabulary size and `kind`:
+
+    - "fast": `tokenizer.json` + `tokenizer_config.json`; `AutoTokenizer.from_pretrained(DIR)` needs no
+      remote code (BPE models, the framework's default);
+    - "sentencepiece": when the fast conversion is not exact (unigram models), `tokenization_hgrn.py`, a
+      tokenizer that calls SentencePiece itself: `AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)`.
+    `tokenizer.model` (the SentencePiece model) is always written.
+    """
     import sentencepiece as spm
 
     model_path = Path(model_path)
@@ -88,36 +99,50 @@ def write_tokenizer_files(model_path: Path, out_dir: Path, *, verify_texts: tupl
         raise TokenizerExportError(f"{model_path} is not a SentencePiece model ({err})") from None
     out_dir = Path(out_dir)
     shutil.copyfile(model_path, out_dir / "tokenizer.model")
-    build_fast_tokenizer(model_path).save(str(out_dir / "tokenizer.json"))
     specials = _special_pieces(sp)
-    config = {
+    common = {**specials, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+              "add_bos_token": False, "add_eos_token": False,
+              "model_max_length": 10**30}  # a recurrent model has no context limit
+    texts = list(PROBE_TEXTS) + list(verify_texts)
+    try:
+        build_fast_tokenizer(model_path).save(str(out_dir / "tokenizer.json"))
         # A plain fast tokenizer: the class exists in every transformers version and needs no remote code.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "split_special_tokens": True,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "model_max_length": 10**30,  # a recurrent model has no context limit
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
-    verify_tokenizer(out_dir, sp, list(PROBE_TEXTS) + list(verify_texts))
+        _write_json(out_dir / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **common})
+        _write_json(out_dir / "special_tokens_map.json", specials)
+        verify_tokenizer(out_dir, sp, texts, remote_code=False)
+        kind = "fast"
+    except TokenizerExportError as fast_problem:
+        (out_dir / "tokenizer.json").unlink(missing_ok=True)
+        shutil.copyfile(Path(__file__).resolve().parent / "hf_files" / SENTENCEPIECE_TOKENIZER_FILE,
+                        out_dir / SENTENCEPIECE_TOKENIZER_FILE)
+        _write_json(out_dir / "tokenizer_config.json", {
+            "tokenizer_class": "HGRNTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_hgrn.HGRNTokenizer", None]},
+            **common})
+        try:
+            verify_tokenizer(out_dir, sp, texts, remote_code=True)
+        except TokenizerExportError as err:
+            raise TokenizerExportError(f"{err} (the fast conversion failed too: {fast_problem})") from None
+        kind = "sentencepiece"
     return {"bos_token_id": _id_or_none(sp.bos_id()), "eos_token_id": _id_or_none(sp.eos_id()),
             "pad_token_id": _id_or_none(sp.pad_id()), "unk_token_id": _id_or_none(sp.unk_id()),
-            "vocab_size": sp.get_piece_size()}
+            "vocab_size": sp.get_piece_size(), "kind": kind}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _id_or_none(idx: int) -> int | None:
     return idx if idx >= 0 else None
 
 
-def verify_tokenizer(hf_dir: Path, sp, texts: list[str]) -> None:
+def verify_tokenizer(hf_dir: Path, sp, texts: list[str], *, remote_code: bool) -> None:
     """Raise TokenizerExportError unless `AutoTokenizer.from_pretrained(hf_dir)` encodes every text to the
     SentencePiece ids and decodes those ids (and every single id) to SentencePiece's text."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(hf_dir))
+    hf = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=remote_code)
     for text in texts:
         ours, theirs = sp.encode(text), hf.encode(text)
         if ours != theirs:

@@ -1,28 +1,17 @@
 """Export tests: a tiny tokenizer of the framework's own format, shared by every test in this folder."""
 from __future__ import annotations
 
-import glob
 import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-ASSET_TOKENIZER = REPO / "tests" / "assets" / "tokenizer"
-TEXT_SHARDS = [REPO / "tests" / "assets" / "pile-mini", REPO.parent / "shared" / "data" / "pile-sample"]
-
-
-def text_shards() -> list[str]:
-    """Pile-format shards to train a tokenizer on and to read sample text from (the shipped sample first)."""
-    for folder in TEXT_SHARDS:
-        found = sorted(glob.glob(str(folder / "*.jsonl.zst")))
-        if found:
-            return found
-    pytest.skip("no Pile-format text shards (tests/assets/pile-mini is empty)")
+ASSET_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     """The shipped test tokenizer, or (before one ships) a 512-piece BPE model trained on the sample text."""
+    from export_harness import text_shards
     from hgrn_megatron.tokenizer import Tokenizer, train_tokenizer
 
     if (ASSET_TOKENIZER / "tokenizer.model").is_file():
@@ -40,6 +29,7 @@ def sample_texts() -> list[str]:
     import json
 
     import zstandard
+    from export_harness import text_shards
 
     texts = []
     with open(text_shards()[-1], "rb") as fh:

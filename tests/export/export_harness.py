@@ -6,13 +6,26 @@ picklable values.
 """
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
+REPO = Path(__file__).resolve().parents[2]
+TEXT_SHARD_DIRS = [REPO / "tests" / "assets" / "pile-mini", REPO.parent / "shared" / "data" / "pile-sample"]
 EOS_ID = 2  # the framework's fixed special ids: unk 0, bos 1, eos 2, pad 3
+
+
+def text_shards() -> list[str]:
+    """Pile-format shards for tokenizer training and sample text (the shipped sample first)."""
+    for folder in TEXT_SHARD_DIRS:
+        found = sorted(glob.glob(str(folder / "*.jsonl.zst")))
+        if found:
+            return found
+    pytest.skip("no Pile-format text shards (tests/assets/pile-mini is empty)")
 
 
 def probe_tokens(vocab_size: int, batch: int = 2, length: int = 40, seed: int = 11) -> torch.Tensor:
@@ -112,7 +125,8 @@ def native_reference(spec: dict) -> dict:
     """Write the checkpoint described by `spec` on `tp * dp` gloo ranks; rank 0's reference outputs."""
     from hgrn_megatron.testing.distributed import run_distributed
 
-    return run_distributed(train_and_checkpoint, world_size=spec["tp"] * spec["dp"], args=(spec,), timeout=300)[0]
+    return run_distributed(train_and_checkpoint, world_size=spec["tp"] * spec["dp"], args=(spec,), timeout=300,
+                           threads_per_rank=1)[0]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,4 +179,6 @@ def write_module_checkpoint(spec: dict) -> dict:
 def module_checkpoint(spec: dict) -> dict:
     from hgrn_megatron.testing.distributed import run_distributed
 
-    return run_distributed(write_module_checkpoint, world_size=1, args=(spec,), timeout=120)[0]
+    # One thread: a forked child whose parent already ran multi-threaded torch ops can deadlock in its first
+    # OpenMP region (GNU libgomp is not fork-safe).
+    return run_distributed(write_module_checkpoint, world_size=1, args=(spec,), timeout=120, threads_per_rank=1)[0]
