@@ -3,8 +3,8 @@
 Rank and world come from torchrun's or SLURM's variables; each step appends `{"step": n}` to
 RUN_DIR/metrics.jsonl (rank 0); USR1 or TERM means save at the next step boundary and exit 75; a start resumes from
 the saved step. Each process also records what the launcher gave it in RUN_DIR/launches/rank-R.jsonl.
-The config is a JSON file (`run_dir`, `steps`, `step_seconds`, optional `fail_with`: exit at once with that
-code); `key=value` arguments after it override its keys.
+The config is a JSON file (`run_dir`, `steps`, `step_seconds`, optional `save_seconds`: how long a save takes,
+and `fail_with`: exit at once with that code); `key=value` arguments after it override its keys.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ with open(os.path.join(run_dir, "launches", f"rank-{rank}.jsonl"), "a") as f:
     }) + "\n")
 
 def save(step):
+    time.sleep(float(cfg.get("save_seconds", 0)))  # a real checkpoint takes a while: the launcher must wait
     tmp = ckpt + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"step": step}, f)

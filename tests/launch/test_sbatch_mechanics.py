@@ -8,6 +8,7 @@ in test_sbatch_pretrain.py.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_launch_pattern_gives_each_rank_its_environment(slurm_cluster, tmp_path,
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
     steps = 20
-    run_dir, config, env = setup_run(tmp_path, steps=steps, step_seconds=0.2)
+    run_dir, config, env = setup_run(tmp_path, steps=steps, step_seconds=0.2, save_seconds=1.5)
     log = tmp_path / "job.out"
     job_id = slurm_cluster.submit(str(config), env={**env, "HGRN_LAUNCHER": launcher}, options=(f"--output={log}",))
     _wait_for_steps(run_dir, 3, timeout=90, cluster=slurm_cluster, job_id=job_id)
@@ -69,6 +70,25 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_p
     assert (first["restart"], first["start_step"]) == (0, 0)
     assert second["restart"] == 1
     assert 3 <= second["start_step"] < steps, "the restart resumed from the checkpoint saved on the signal"
+
+
+def test_scancel_lets_the_trainer_checkpoint_and_does_not_requeue(slurm_cluster, tmp_path):
+    # scancel sends TERM to the batch shell and to the trainer: the trainer checkpoints (3 s, within the
+    # cluster's KillWait) and the job ends CANCELLED; requeueing it would bring a cancelled job back.
+    run_dir, config, env = setup_run(tmp_path, steps=100, step_seconds=0.2, save_seconds=3)
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.submit(str(config), env=env, options=(f"--output={log}",))
+    _wait_for_steps(run_dir, 3, timeout=90, cluster=slurm_cluster, job_id=job_id)
+    slurm_cluster.run("scancel", str(job_id))
+    info = slurm_cluster.wait_finished(job_id, timeout=60, log=log)
+    time.sleep(1.0)  # a requeue, if the script wrongly asked for one, would show by now
+    info = slurm_cluster.job(job_id)
+    assert info["JobState"] == "CANCELLED", log.read_text()
+    assert info["Restarts"] == "0"
+    checkpoint = run_dir / "checkpoint.json"
+    assert checkpoint.exists(), log.read_text()
+    assert json.loads(checkpoint.read_text())["step"] == len(read_jsonl(run_dir / "metrics.jsonl"))
+    assert "not requeueing" in log.read_text()
 
 
 def test_failed_trainer_is_not_requeued(slurm_cluster, tmp_path):
