@@ -1,0 +1,393 @@
+"""Chunked Triton kernels for the HGRN scan (real and complex), forward and backward.
+
+Layout: x [B, T, D] or [B, T, D, 2] (interleaved real, imaginary), g [B, T, D], reset [B, T] (uint8).
+The time axis is cut into chunks of BT tokens and the channels into blocks of BD. Each direction runs three
+kernels, fla-style names `chunk_hgrn_<fwd|bwd>_kernel_<part>` (cf. fla `ops/hgrn/chunk.py`):
+
+  summary  grid (NT, ND, B)  scan each chunk from a zero state: its end state and total decay [B, NT, D]
+  carry    grid (ND, B)      a short loop over chunks: the state entering each chunk (and the final state)
+  output / grads  (NT, ND, B)  rescan each chunk from its entering state; write h (or dx, dg, dθ partials)
+
+In-chunk scans are `tl.associative_scan` over (decay, value) pairs with the combine
+(a1, h1) ∘ (a2, h2) = (a2 a1, a2 h1 + h2): decays are only multiplied (all |a| <= 1), never divided, so
+no exponential of a positive number appears however long T is. Complex numbers travel as (re, im) pairs;
+θ enters as cos θ, sin θ per channel. A reset clears the state: its decay is zero. Padding rows past T
+(and, in the backward, the step past the last token) carry the identity decay 1.
+
+Backward: dh_t = do_t + conj(a_{t+1}) dh_{t+1} with dh_{T-1} = do_{T-1} + dh_last (reverse scan);
+dx = dh; dg_t = Re(conj(dh_t) a_t h_{t-1}); dθ = -Σ Im(conj(dh_t) a_t h_{t-1}); dh_init = conj(a_0) dh_0.
+h_{t-1} is recomputed exactly in fp32 by a scan over the inputs shifted by one token, started from the
+chunk's entering state saved by the forward ([B, NT, D], 1/BT of the activations), so nothing full-size is
+kept beyond the inputs.
+
+Memory traffic per token and channel: forward reads x, g twice and writes h once; backward reads do, g
+twice and x once and writes dx, dg. (fla's chunk kernel writes and re-reads fp32 h and cumulative gates.)
+Offsets into the [B, T, D] tensors are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine_real(a1, h1, a2, h2):
+    return a2 * a1, a2 * h1 + h2
+
+
+@triton.jit
+def _combine_complex(ar1, ai1, hr1, hi1, ar2, ai2, hr2, hi2):
+    return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
+            ar2 * hr1 - ai2 * hi1 + hr2, ar2 * hi1 + ai2 * hr1 + hi2)
+
+
+@triton.jit
+def _decays(g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D: tl.constexpr,
+            COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr, CONJ: tl.constexpr):
+    """Decays a_t = exp(g_t) e^{±iθ} at rows o_t ([BT], int64, may lie outside [0, T)): 1 outside.
+
+    Returns (re, im, log-magnitude); the log-magnitude is -inf at resets and 0 outside [0, T).
+    """
+    m_t = (o_t >= 0) & (o_t < T)
+    mask = m_t[:, None] & m_d[None, :]
+    b_lg = tl.load(g + (i_b * T + o_t[:, None]) * D + o_d[None, :], mask=mask, other=0.).to(tl.float32)
+    if HAS_RESET:
+        b_r = tl.load(reset + i_b * T + o_t, mask=m_t, other=0)
+        b_lg = tl.where(b_r[:, None] != 0, float("-inf"), b_lg)
+    b_lam = tl.exp(b_lg)
+    if COMPLEX:
+        b_ar = tl.where(m_t[:, None], b_lam * b_cos[None, :], 1.)
+        if CONJ:
+            b_ai = tl.where(m_t[:, None], -b_lam * b_sin[None, :], 0.)
+        else:
+            b_ai = tl.where(m_t[:, None], b_lam * b_sin[None, :], 0.)
+    else:
+        b_ar = b_lam
+        b_ai = tl.zeros_like(b_lam)
+    return b_ar, b_ai, b_lg
+
+
+@triton.jit
+def _chunk_decay(b_lg, n, b_th, COMPLEX: tl.constexpr, CONJ: tl.constexpr):
+    """Total decay of a chunk of n rotating steps: exp(Σ log-magnitude) e^{±inθ}, as [BD] (re, im).
+
+    Not the product of the per-step decays: fp32 products of numbers just below 1 are biased low, and the
+    carry across chunks would compound that bias. The angle nθ is split exactly into hi + lo (an fma gives
+    the rounding error of n·θ), so the rotation is accurate to fp32 even when nθ is large.
+    """
+    b_mag = tl.exp(tl.sum(b_lg, axis=0))
+    if COMPLEX:
+        b_hi = n * b_th
+        b_lo = tl.fma(n + tl.zeros_like(b_th), b_th, -b_hi)
+        b_c = tl.cos(b_hi)
+        b_s = tl.sin(b_hi)
+        b_re = b_mag * (b_c - b_lo * b_s)
+        b_im = b_mag * (b_s + b_lo * b_c)
+        if CONJ:
+            b_im = -b_im
+        return b_re, b_im
+    return b_mag, tl.zeros_like(b_mag)
+
+
+@triton.jit
+def _load_values(x, i_b, o_t, o_d, m_d, T, D: tl.constexpr, COMPLEX: tl.constexpr):
+    """x at rows o_t as fp32 (re, im); 0 outside [0, T)."""
+    m_t = (o_t >= 0) & (o_t < T)
+    mask = m_t[:, None] & m_d[None, :]
+    offs = (i_b * T + o_t[:, None]) * D + o_d[None, :]
+    if COMPLEX:
+        b_xr = tl.load(x + offs * 2, mask=mask, other=0.).to(tl.float32)
+        b_xi = tl.load(x + offs * 2 + 1, mask=mask, other=0.).to(tl.float32)
+    else:
+        b_xr = tl.load(x + offs, mask=mask, other=0.).to(tl.float32)
+        b_xi = tl.zeros_like(b_xr)
+    return b_xr, b_xi
+
+
+@triton.jit
+def _scan(b_ar, b_ai, b_xr, b_xi, COMPLEX: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive scan along the chunk axis: (cumulative decay, state from a zero start) as (re, im) pairs."""
+    if COMPLEX:
+        b_ar, b_ai, b_xr, b_xi = tl.associative_scan((b_ar, b_ai, b_xr, b_xi), axis=0,
+                                                     combine_fn=_combine_complex, reverse=REVERSE)
+    else:
+        b_ar, b_xr = tl.associative_scan((b_ar, b_xr), axis=0, combine_fn=_combine_real, reverse=REVERSE)
+    return b_ar, b_ai, b_xr, b_xi
+
+
+@triton.jit
+def _row(b, o_row, ROW: tl.constexpr):
+    """Row ROW of a [BT, BD] block, as [BD]."""
+    return tl.sum(tl.where((o_row == ROW)[:, None], b, 0.), axis=0)
+
+
+@triton.jit
+def _theta(theta, o_d, m_d, COMPLEX: tl.constexpr, BD: tl.constexpr):
+    """(θ, cos θ, sin θ) for the channel block, fp32 [BD] (zeros for the real variant)."""
+    if COMPLEX:
+        b_th = tl.load(theta + o_d, mask=m_d, other=0.).to(tl.float32)
+        return b_th, tl.cos(b_th), tl.sin(b_th)
+    b_zero = tl.zeros([BD], dtype=tl.float32)
+    return b_zero, b_zero, b_zero
+
+
+@triton.jit
+def _load_pair(p, offs, mask, COMPLEX: tl.constexpr):
+    """A [BD] fp32 state from a [..., D, C] buffer (C = 2 if complex else 1)."""
+    if COMPLEX:
+        return (tl.load(p + offs * 2, mask=mask, other=0.).to(tl.float32),
+                tl.load(p + offs * 2 + 1, mask=mask, other=0.).to(tl.float32))
+    b = tl.load(p + offs, mask=mask, other=0.).to(tl.float32)
+    return b, tl.zeros_like(b)
+
+
+@triton.jit
+def _store_pair(p, offs, b_re, b_im, mask, COMPLEX: tl.constexpr):
+    if COMPLEX:
+        tl.store(p + offs * 2, b_re.to(p.dtype.element_ty), mask=mask)
+        tl.store(p + offs * 2 + 1, b_im.to(p.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p + offs, b_re.to(p.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_hgrn_fwd_kernel_summary(x, g, theta, reset, chunk_a, chunk_h, T, D: tl.constexpr, BT: tl.constexpr,
+                                  BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    NT = tl.num_programs(0)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + o_row
+    b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+    b_ar, b_ai, b_lg = _decays(g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D, COMPLEX, HAS_RESET, False)
+    b_xr, b_xi = _load_values(x, i_b, o_t, o_d, m_d, T, D, COMPLEX)
+    b_ar, b_ai, b_hr, b_hi = _scan(b_ar, b_ai, b_xr, b_xi, COMPLEX, False)
+    offs = (i_b * NT + i_t) * D + o_d
+    n = tl.minimum(T - i_t * BT, BT).to(tl.float32)
+    b_cr, b_ci = _chunk_decay(b_lg, n, b_th, COMPLEX, False)
+    _store_pair(chunk_a, offs, b_cr, b_ci, m_d, COMPLEX)
+    _store_pair(chunk_h, offs, _row(b_hr, o_row, BT - 1), _row(b_hi, o_row, BT - 1), m_d, COMPLEX)
+
+
+@triton.jit
+def chunk_hgrn_fwd_kernel_carry(chunk_a, chunk_h, h0, entering, ht, NT, D: tl.constexpr, BD: tl.constexpr,
+                                COMPLEX: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
+    i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_sr = tl.zeros([BD], dtype=tl.float32)
+    b_si = tl.zeros([BD], dtype=tl.float32)
+    if HAS_INITIAL:
+        b_sr, b_si = _load_pair(h0, i_b * D + o_d, m_d, COMPLEX)
+    for i_t in range(0, NT):
+        offs = (i_b * NT + i_t) * D + o_d
+        _store_pair(entering, offs, b_sr, b_si, m_d, COMPLEX)
+        b_ar, b_ai = _load_pair(chunk_a, offs, m_d, COMPLEX)
+        b_hr, b_hi = _load_pair(chunk_h, offs, m_d, COMPLEX)
+        b_sr, b_si = b_ar * b_sr - b_ai * b_si + b_hr, b_ar * b_si + b_ai * b_sr + b_hi
+    if STORE_FINAL:
+        _store_pair(ht, i_b * D + o_d, b_sr, b_si, m_d, COMPLEX)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_hgrn_fwd_kernel_output(x, g, theta, reset, entering, out, T, D: tl.constexpr, BT: tl.constexpr,
+                                 BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    NT = tl.num_programs(0)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+    b_ar, b_ai, _ = _decays(g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D, COMPLEX, HAS_RESET, False)
+    b_xr, b_xi = _load_values(x, i_b, o_t, o_d, m_d, T, D, COMPLEX)
+    b_ar, b_ai, b_hr, b_hi = _scan(b_ar, b_ai, b_xr, b_xi, COMPLEX, False)
+    b_sr, b_si = _load_pair(entering, (i_b * NT + i_t) * D + o_d, m_d, COMPLEX)
+    b_hr += b_ar * b_sr[None, :] - b_ai * b_si[None, :]
+    b_hi += b_ar * b_si[None, :] + b_ai * b_sr[None, :]
+    mask = (o_t < T)[:, None] & m_d[None, :]
+    _store_pair(out, (i_b * T + o_t[:, None]) * D + o_d[None, :], b_hr, b_hi, mask, COMPLEX)
+
+
+@triton.jit
+def _reverse_inputs(do, g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D: tl.constexpr,
+                    COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):
+    """(conj(a_{t+1}), do_t) for the reverse scan; the decay past the last token is 1 (dh_last enters as is)."""
+    b_br, b_bi, b_lg = _decays(g, reset, b_cos, b_sin, i_b, o_t + 1, o_d, m_d, T, D, COMPLEX, HAS_RESET, True)
+    b_dr, b_di = _load_values(do, i_b, o_t, o_d, m_d, T, D, COMPLEX)
+    return b_br, b_bi, b_lg, b_dr, b_di
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_hgrn_bwd_kernel_summary(do, g, theta, reset, chunk_b, chunk_s, T, D: tl.constexpr, BT: tl.constexpr,
+                                  BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    NT = tl.num_programs(0)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + o_row
+    b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+    b_br, b_bi, b_lg, b_dr, b_di = _reverse_inputs(do, g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D,
+                                                   COMPLEX, HAS_RESET)
+    b_br, b_bi, b_sr, b_si = _scan(b_br, b_bi, b_dr, b_di, COMPLEX, True)
+    offs = (i_b * NT + i_t) * D + o_d
+    # conj(a_{t+1}) rotates for every t in the chunk with t + 1 < T.
+    n = tl.maximum(tl.minimum(T - 1 - i_t * BT, BT), 0).to(tl.float32)
+    b_cr, b_ci = _chunk_decay(b_lg, n, b_th, COMPLEX, True)
+    _store_pair(chunk_b, offs, b_cr, b_ci, m_d, COMPLEX)
+    _store_pair(chunk_s, offs, _row(b_sr, o_row, 0), _row(b_si, o_row, 0), m_d, COMPLEX)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_hgrn_bwd_kernel_carry(chunk_b, chunk_s, dht, g, theta, reset, arriving, dh0, T, NT,
+                                D: tl.constexpr, BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr,
+                                HAS_FINAL_GRAD: tl.constexpr, HAS_INITIAL: tl.constexpr):
+    i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_sr = tl.zeros([BD], dtype=tl.float32)
+    b_si = tl.zeros([BD], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        b_sr, b_si = _load_pair(dht, i_b * D + o_d, m_d, COMPLEX)
+    for i in range(0, NT):
+        offs = (i_b * NT + (NT - 1 - i)) * D + o_d
+        _store_pair(arriving, offs, b_sr, b_si, m_d, COMPLEX)
+        b_br, b_bi = _load_pair(chunk_b, offs, m_d, COMPLEX)
+        b_cr, b_ci = _load_pair(chunk_s, offs, m_d, COMPLEX)
+        b_sr, b_si = b_br * b_sr - b_bi * b_si + b_cr, b_br * b_si + b_bi * b_sr + b_ci
+    if HAS_INITIAL:
+        # b_s is now dh_0; the initial state's gradient is conj(a_0) dh_0.
+        b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+        b_ar, b_ai, _ = _decays(g, reset, b_cos, b_sin, i_b, tl.zeros([1], dtype=tl.int64), o_d, m_d, T, D,
+                                COMPLEX, HAS_RESET, True)
+        b_ar = tl.sum(b_ar, axis=0)
+        b_ai = tl.sum(b_ai, axis=0)
+        _store_pair(dh0, i_b * D + o_d, b_ar * b_sr - b_ai * b_si, b_ar * b_si + b_ai * b_sr, m_d, COMPLEX)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_hgrn_bwd_kernel_grads(x, do, g, theta, reset, entering, arriving, dx, dg, dtheta_part, T,
+                                D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, COMPLEX: tl.constexpr,
+                                HAS_RESET: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    NT = tl.num_programs(0)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + o_row
+    offs_chunk = (i_b * NT + i_t) * D + o_d
+    b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+
+    # dh within the chunk: reverse scan from the gradient arriving from later chunks.
+    b_br, b_bi, _, b_dr, b_di = _reverse_inputs(do, g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D,
+                                                COMPLEX, HAS_RESET)
+    b_br, b_bi, b_sr, b_si = _scan(b_br, b_bi, b_dr, b_di, COMPLEX, True)
+    b_cr, b_ci = _load_pair(arriving, offs_chunk, m_d, COMPLEX)
+    b_sr += b_br * b_cr[None, :] - b_bi * b_ci[None, :]
+    b_si += b_br * b_ci[None, :] + b_bi * b_cr[None, :]
+
+    # h_{t-1}, exactly: scan the inputs shifted by one token; row 0 is the chunk's entering state.
+    first = (o_row == 0)[:, None]
+    b_pr, b_pi, _ = _decays(g, reset, b_cos, b_sin, i_b, o_t - 1, o_d, m_d, T, D, COMPLEX, HAS_RESET, False)
+    b_qr, b_qi = _load_values(x, i_b, o_t - 1, o_d, m_d, T, D, COMPLEX)
+    b_er, b_ei = _load_pair(entering, offs_chunk, m_d, COMPLEX)
+    b_pr = tl.where(first, 0., b_pr)
+    b_pi = tl.where(first, 0., b_pi)
+    b_qr = tl.where(first, b_er[None, :], b_qr)
+    b_qi = tl.where(first, b_ei[None, :], b_qi)
+    b_pr, b_pi, b_hr, b_hi = _scan(b_pr, b_pi, b_qr, b_qi, COMPLEX, False)
+
+    # u = a_t h_{t-1}; w = conj(dh_t) u: dg = Re w, dθ = -Σ Im w.
+    b_ar, b_ai, _ = _decays(g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D, COMPLEX, HAS_RESET, False)
+    b_ur = b_ar * b_hr - b_ai * b_hi
+    b_ui = b_ar * b_hi + b_ai * b_hr
+    b_wr = b_sr * b_ur + b_si * b_ui
+    mask = (o_t < T)[:, None] & m_d[None, :]
+    offs = (i_b * T + o_t[:, None]) * D + o_d[None, :]
+    _store_pair(dx, offs, b_sr, b_si, mask, COMPLEX)
+    tl.store(dg + offs, b_wr.to(dg.dtype.element_ty), mask=mask)
+    if COMPLEX:
+        b_wi = b_sr * b_ui - b_si * b_ur
+        tl.store(dtheta_part + offs_chunk, -tl.sum(tl.where(mask, b_wi, 0.), axis=0), mask=m_d)
+
+
+def _config(D: int, chunk_size: int | None, block_d: int | None) -> tuple[int, int]:
+    BT = chunk_size or 64
+    BD = block_d or min(64, triton.next_power_of_2(D))
+    if BT & (BT - 1) or BD & (BD - 1):
+        raise ValueError(f"triton scan: chunk_size ({BT}) and block_d ({BD}) must be powers of two")
+    return BT, BD
+
+
+class TritonScanFunction(torch.autograd.Function):
+    """Autograd wrapper around the chunked kernels; inputs already checked by `hgrn_scan`."""
+
+    @staticmethod
+    def forward(ctx, x, g, theta, initial_state, reset, output_final_state, chunk_size, block_d, num_warps):
+        complex_mode = theta is not None
+        B, T, D = g.shape
+        BT, BD = _config(D, chunk_size, block_d)
+        NT, ND = triton.cdiv(T, BT), triton.cdiv(D, BD)
+        C = 2 if complex_mode else 1
+        x, g = x.contiguous(), g.contiguous()
+        reset_u8 = reset.contiguous().view(torch.uint8) if reset is not None else None
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        flags = dict(COMPLEX=complex_mode, HAS_RESET=reset is not None, num_warps=num_warps)
+
+        chunk_a = x.new_empty(B, NT, D, C, dtype=torch.float32)
+        chunk_h = torch.empty_like(chunk_a)
+        chunk_hgrn_fwd_kernel_summary[(NT, ND, B)](x, g, theta, reset_u8, chunk_a, chunk_h, T, D, BT, BD, **flags)
+        entering = torch.empty_like(chunk_a)
+        h_last = x.new_empty(B, D, C, dtype=torch.float32) if output_final_state else None
+        chunk_hgrn_fwd_kernel_carry[(ND, B)](chunk_a, chunk_h, h0, entering, h_last, NT, D, BD,
+                                             COMPLEX=complex_mode, HAS_INITIAL=h0 is not None,
+                                             STORE_FINAL=output_final_state, num_warps=num_warps)
+        out = torch.empty_like(x)
+        chunk_hgrn_fwd_kernel_output[(NT, ND, B)](x, g, theta, reset_u8, entering, out, T, D, BT, BD, **flags)
+
+        ctx.save_for_backward(x, g, theta, reset_u8, entering)
+        ctx.config = (BT, BD, num_warps)
+        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
+        if h_last is not None:
+            h_last = h_last.view(B, D, 2) if complex_mode else h_last.view(B, D)
+        return out, h_last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        x, g, theta, reset_u8, entering = ctx.saved_tensors
+        BT, BD, num_warps = ctx.config
+        complex_mode = theta is not None
+        B, T, D = g.shape
+        NT, ND = triton.cdiv(T, BT), triton.cdiv(D, BD)
+        flags = dict(COMPLEX=complex_mode, HAS_RESET=reset_u8 is not None, num_warps=num_warps)
+        dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
+        dlast = dlast.float().contiguous() if dlast is not None else None
+
+        chunk_b = torch.empty_like(entering)
+        chunk_s = torch.empty_like(entering)
+        chunk_hgrn_bwd_kernel_summary[(NT, ND, B)](dout, g, theta, reset_u8, chunk_b, chunk_s, T, D, BT, BD,
+                                                   **flags)
+        arriving = torch.empty_like(entering)
+        has_initial = ctx.initial_dtype is not None
+        dh0 = x.new_empty(entering.shape[0], D, entering.shape[-1], dtype=torch.float32) if has_initial else None
+        chunk_hgrn_bwd_kernel_carry[(ND, B)](chunk_b, chunk_s, dlast, g, theta, reset_u8, arriving, dh0, T, NT,
+                                             D, BD, HAS_FINAL_GRAD=dlast is not None, HAS_INITIAL=has_initial,
+                                             **flags)
+        dx = torch.empty_like(x)
+        dg = torch.empty_like(g)
+        dtheta_part = x.new_empty(B, NT, D, dtype=torch.float32) if complex_mode else None
+        chunk_hgrn_bwd_kernel_grads[(NT, ND, B)](x, dout, g, theta, reset_u8, entering, arriving, dx, dg,
+                                                 dtheta_part, T, D, BT, BD, **flags)
+        dtheta = dtheta_part.sum(dim=(0, 1)).to(theta.dtype) if complex_mode else None
+        if dh0 is not None:
+            dh0 = (dh0 if complex_mode else dh0.view(B, D)).to(ctx.initial_dtype)
+        return dx, dg, dtheta, dh0, None, None, None, None, None
+
+
+def triton_scan(x, g, *, theta=None, initial_state=None, output_final_state=False, reset=None,
+                chunk_size=None, block_d=None, num_warps=4):
+    """Chunked Triton path of `hgrn_scan` (same contract; inputs are assumed checked)."""
+    return TritonScanFunction.apply(x, g, theta, initial_state, reset, output_final_state, chunk_size, block_d,
+                                    num_warps)
