@@ -4,8 +4,8 @@ Rank r of a data-parallel group of size DP takes global samples J + r, J + r + D
 resumed; see `packing.py` for the global order). Those samples come from lanes `rank_lanes(...)` only; the rank's
 lanes are dealt to workers round-robin (worker w gets the rank's lanes w, w + W, ...), so each lane lives in
 exactly one worker and each worker reads the shards once for all its lanes. A worker produces the samples of its
-lanes in the rank's order and puts them in its own queue (at most `prefetch` ahead); the trainer takes sample j
-from the queue of the worker owning lane `j mod L`.
+lanes in the rank's order and sends them through its own pipe, at most `prefetch` ahead (credits: the trainer
+returns one per sample taken); the trainer takes sample j from the worker owning lane `j mod L`.
 
 Exact state with prefetch: every sample arrives with its lane's snapshot after that sample (position, token
 offset, samples produced) and the lane's counter increments since its previous sample. The trainer side applies
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import queue as queue_mod
+import pickle
 import signal
 import time
 import traceback
@@ -41,6 +41,7 @@ from hgrn_megatron.pretrain.data.state import (
 log = logging.getLogger(__name__)
 
 QUEUE_POLL_S = 0.5
+CLOSE_GRACE_S = 2.0
 
 
 def build_packing_spec(cfg: DataConfig, seq_length: int, eos_id: int) -> PackingSpec:
@@ -69,21 +70,25 @@ def rank_samples(start: int, dp_rank: int, dp_size: int):
         j += dp_size
 
 
-def _put(out_queue, item, stop, parent_pid) -> bool:
-    """Put `item`, waiting for room; False if the trainer asked us to stop or is gone."""
-    while True:
+def _send(conn, credits, item, stop, parent_pid) -> bool:
+    """Wait for a credit (the trainer's room for one more sample), then send; False when told to stop."""
+    while not credits.acquire(timeout=QUEUE_POLL_S):
         if stop.is_set() or os.getppid() != parent_pid:
-            out_queue.cancel_join_thread()  # nobody will read what is still buffered
             return False
-        try:
-            out_queue.put(item, timeout=QUEUE_POLL_S)
-            return True
-        except queue_mod.Full:
-            continue
+    if stop.is_set():  # close() hands out a credit to wake us up
+        return False
+    try:
+        conn.send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError:  # the trainer closed its end: it is shutting down
+        return False
+    return True
 
 
-def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, out_queue, stop, parent_pid):
+def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, conn, credits, stop, parent_pid,
+                 trainer_ends):
     """Loader worker: produce this worker's lanes' samples in the rank's order, `prefetch` ahead at most."""
+    for end in trainer_ends:  # inherited copies of the trainer's read ends: without them, a closed trainer end
+        end.close()  # makes our send fail instead of block
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and closes us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGUSR1"):
@@ -99,12 +104,15 @@ def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, 
                 continue
             tokens, doc_start, snapshot, delta = group.produce(lane, j // L)
             item = (j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0, group.num_readers())
-            if not _put(out_queue, item, stop, parent_pid):
+            if not _send(conn, credits, item, stop, parent_pid):
                 return
             t0 = time.perf_counter()
     except BaseException as err:  # noqa: BLE001 - report everything to the trainer
-        error = ("error", isinstance(err, DataError), f"{type(err).__name__}: {err}", traceback.format_exc())
-        _put(out_queue, error, stop, parent_pid)  # the queue's feeder thread flushes it before we exit
+        credits.release()  # an error report never waits for room
+        _send(conn, credits, ("error", isinstance(err, DataError), f"{type(err).__name__}: {err}",
+                              traceback.format_exc()), stop, parent_pid)
+    finally:
+        conn.close()
 
 
 class TrainLoader:
@@ -151,24 +159,29 @@ class TrainLoader:
         self._worker_samples = [0] * max(W, 1)
         self._readers = [1] * max(W, 1)
         self._owner = {lane: i % max(W, 1) for i, lane in enumerate(self.lanes)}
-        self._procs, self._queues = [], []
+        self._procs, self._conns, self._credits = [], [], []
         if W == 0:
             self._group = LaneGroup(self.spec, [self._snapshots[lane] for lane in self.lanes], tokenizer)
             return
         ctx = multiprocessing.get_context(cfg.worker_start_method)
         self._stop = ctx.Event()
-        for w in range(W):
+        pipes = [ctx.Pipe(duplex=False) for _ in range(W)]
+        self._conns = [reader for reader, _ in pipes]
+        self._credits = [ctx.Semaphore(cfg.prefetch) for _ in range(W)]
+        for w, (_, writer) in enumerate(pipes):
             mine = [self._snapshots[lane] for lane in self.lanes[w::W]]
-            q = ctx.Queue(maxsize=cfg.prefetch)
             p = ctx.Process(
                 target=_worker_main,
-                args=(w, self.spec, mine, tokenizer, self.start_sample, dp_rank, dp_size, q, self._stop, os.getpid()),
+                args=(w, self.spec, mine, tokenizer, self.start_sample, dp_rank, dp_size, writer, self._credits[w],
+                      self._stop, os.getpid(), self._conns),
                 name=f"data-worker-{dp_rank}-{w}",
                 daemon=True,
             )
             p.start()
+            # Only the worker holds the write end now: if it dies, even mid-message, reading ends in EOFError
+            # instead of waiting forever.
+            writer.close()
             self._procs.append(p)
-            self._queues.append(q)
 
     # ------------------------------------------------------------ iteration
     def __iter__(self):
@@ -211,24 +224,24 @@ class TrainLoader:
         return tokens, doc_start
 
     def _get(self, w: int):
-        q, proc = self._queues[w], self._procs[w]
-        while True:
-            try:
-                item = q.get(timeout=QUEUE_POLL_S)
-            except queue_mod.Empty:
-                if proc.is_alive():
-                    continue
-                try:  # it may have put something just before exiting
-                    item = q.get(timeout=QUEUE_POLL_S)
-                except queue_mod.Empty:
-                    raise RuntimeError(f"data worker {w} ({proc.name}) died with exit code {proc.exitcode}") from None
-            if item[0] == "error":
-                _, is_data_error, message, tb = item
-                self.close()
-                if is_data_error:
-                    raise DataError(message)
-                raise RuntimeError(f"data worker {w} failed: {message}\n--- worker traceback ---\n{tb}")
-            return item
+        conn, proc = self._conns[w], self._procs[w]
+        try:
+            while not conn.poll(QUEUE_POLL_S):
+                if not proc.is_alive() and not conn.poll(0):
+                    raise EOFError
+            item = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            proc.join(timeout=QUEUE_POLL_S)
+            self.close()
+            raise RuntimeError(f"data worker {w} ({proc.name}) died with exit code {proc.exitcode}") from None
+        self._credits[w].release()
+        if item[0] == "error":
+            _, is_data_error, message, tb = item
+            self.close()
+            if is_data_error:
+                raise DataError(message)
+            raise RuntimeError(f"data worker {w} failed: {message}\n--- worker traceback ---\n{tb}")
+        return item
 
     # ------------------------------------------------------------ state and stats
     def state_dict(self) -> dict:
@@ -283,20 +296,15 @@ class TrainLoader:
         if not self._procs:
             return
         self._stop.set()
-        for q in self._queues:
-            try:  # unblock a worker waiting to put
-                while True:
-                    q.get_nowait()
-            except (queue_mod.Empty, OSError, ValueError):
-                pass
+        for conn, credits in zip(self._conns, self._credits):
+            credits.release()  # wakes a worker waiting for room; it sees `stop` and exits
+            conn.close()  # a worker blocked sending gets an error and exits
+        deadline = time.monotonic() + CLOSE_GRACE_S
         for p in self._procs:
-            p.join(timeout=5)
-            if p.is_alive():
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():  # busy with a long document: it holds nothing worth a clean exit
                 p.terminate()
                 p.join(timeout=5)
-        for q in self._queues:
-            q.cancel_join_thread()
-            q.close()
 
     def __enter__(self):
         return self

@@ -1,0 +1,73 @@
+"""Loader mechanics: shared readers with bounded look-ahead, spawned workers, dying workers, unusable data."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from data_harness import data_config, record, run_ranks, write_corpus, write_zst
+from hgrn_megatron.pretrain.data import DataError, TrainLoader
+from hgrn_megatron.pretrain.data.loader import build_packing_spec
+from hgrn_megatron.pretrain.data.packing import LaneGroup, fresh_lane_state
+
+
+def test_a_lagging_lane_gets_its_own_reader_and_the_samples_do_not_change(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path, shard_docs=(30, 30), min_words=2, max_words=300)
+    cfg = data_config(corpus["glob"])
+    outputs = {}
+    for cap in (1 << 30, 300):  # unbounded look-ahead vs. a few records
+        spec = build_packing_spec(cfg, 16, tokenizer.eos_id)
+        spec.lookahead_bytes = cap
+        group = LaneGroup(spec, [fresh_lane_state(lane) for lane in range(8)], tokenizer)
+        samples = [group.produce(j % 8, j // 8)[0] for j in range(400)]
+        outputs[cap] = (np.stack(samples), group.num_readers())
+    (ref, ref_readers), (got, readers) = outputs[1 << 30], outputs[300]
+    assert ref_readers == 1 and readers > 1
+    assert np.array_equal(ref, got)
+
+
+def test_spawned_workers_match_in_process_loading(corpus, tokenizer):
+    cfg = data_config(corpus["glob"])
+    ref, _, _, _ = run_ranks(cfg, tokenizer, 32, 2, 1, 6)
+    got, _, _, _ = run_ranks(cfg.model_copy(update={"worker_start_method": "spawn"}), tokenizer, 32, 2, 1, 6, workers=2)
+    assert np.array_equal(ref, got)
+
+
+def test_a_dead_worker_is_reported_not_waited_for(corpus, tokenizer):
+    loader = TrainLoader(data_config(corpus["glob"], num_workers=2), tokenizer, 32, 1, 0, 1)
+    try:
+        next(loader)
+        os.kill(loader._procs[1].pid, signal.SIGKILL)
+        loader._procs[1].join(5)
+        with pytest.raises(RuntimeError, match=r"data worker 1 .* died with exit code -9"):
+            for _ in range(200):  # drain what worker 1 had queued, then notice
+                next(loader)
+    finally:
+        loader.close()
+
+
+def test_shards_without_a_usable_document_stop_with_a_clear_error(tmp_path, tokenizer):
+    write_zst(tmp_path / "bad.jsonl.zst", [b"{nope", record(""), b"\xff"])
+    for workers in (0, 1):
+        loader = TrainLoader(data_config(str(tmp_path / "bad.jsonl.zst"), num_workers=workers), tokenizer, 8, 1, 0, 1)
+        with pytest.raises(DataError, match=r"packing lane 0 found no usable document in 3 passes"):
+            next(loader)
+        loader.close()
+    write_zst(tmp_path / "empty.jsonl.zst", [])
+    loader = TrainLoader(data_config(str(tmp_path / "empty.jsonl.zst")), tokenizer, 8, 1, 0, 1)
+    with pytest.raises(DataError, match=r"no records in any of the 1 training shards"):
+        next(loader)
+
+
+def test_a_shard_changed_under_a_saved_state_is_detected(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path, shard_docs=(40,))
+    cfg = data_config(corpus["glob"], lanes=1)
+    _, _, state, _ = run_ranks(cfg, tokenizer, 16, 1, 1, 60)
+    assert state["lanes"][0]["doc"][3] > 5
+    write_zst(tmp_path / "shard-00.jsonl.zst", [record("replaced") for _ in range(3)])
+    for workers in (0, 1):
+        with pytest.raises(DataError, match=r"shard-00.jsonl.zst: the saved data state points at line \d+, but the shard has only 3"):
+            with TrainLoader(cfg.model_copy(update={"num_workers": workers}), tokenizer, 16, 1, 0, 1, state=state) as loader:
+                next(loader)
