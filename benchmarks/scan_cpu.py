@@ -1,0 +1,109 @@
+"""CPU benchmark: the vectorised torch scan against the float64 reference loop, forward + backward, one process.
+
+    python benchmarks/scan_cpu.py                         # B=4, T=4096, D=512, fp32, real and complex
+    python benchmarks/scan_cpu.py --chunk-sizes 32 64 128 # also compare chunk sizes of the torch path
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/scan_cpu.py  # with PyTorch's huge-page CPU allocations
+
+Runs alternate (reference, torch, reference, torch, ...) so that load from other processes hits both alike;
+the figure reported is the ratio of medians. Goal (issue 3): torch path >= 20x the reference, fwd+bwd.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from hgrn_megatron.kernels import hgrn_scan_reference
+from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
+
+
+def make_inputs(B: int, T: int, D: int, complex_mode: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, T, D, 2) if complex_mode else (B, T, D), generator=gen).requires_grad_()
+    g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, generator=gen)).requires_grad_()
+    theta = torch.randn(D, generator=gen).requires_grad_() if complex_mode else None
+    grad = torch.randn(x.shape, generator=gen)
+    return x, g, theta, grad
+
+
+def time_fwd_bwd(fn, x, g, theta, grad) -> tuple[float, float]:
+    """Seconds for the forward and for the backward of `fn(x, g, theta) -> h`."""
+    for t in (x, g, theta):
+        if t is not None:
+            t.grad = None
+    start = time.perf_counter()
+    h = fn(x, g, theta)
+    mid = time.perf_counter()
+    h.backward(grad)
+    end = time.perf_counter()
+    return mid - start, end - mid
+
+
+def bench_variant(B, T, D, complex_mode, repeats, chunk_sizes) -> dict:
+    x, g, theta, grad = make_inputs(B, T, D, complex_mode)
+
+    def reference(x, g, theta):
+        return hgrn_scan_reference(x, g, theta=theta)[0]
+
+    candidates = {"reference": reference}
+    for L in chunk_sizes:
+        candidates[f"torch L={L}"] = lambda x, g, theta, L=L: torch_scan(x, g, theta=theta, chunk_size=L)[0]
+    for fn in candidates.values():  # warm-up: first calls pay one-off costs
+        time_fwd_bwd(fn, x, g, theta, grad)
+    samples = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            samples[name].append(time_fwd_bwd(fn, x, g, theta, grad))
+    result = {}
+    for name, runs in samples.items():
+        fwd = statistics.median(r[0] for r in runs)
+        total = statistics.median(r[0] + r[1] for r in runs)
+        result[name] = {"fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * total}
+    ref = result["reference"]["fwd_bwd_ms"]
+    for name, r in result.items():
+        r["speedup_fwd_bwd"] = ref / r["fwd_bwd_ms"]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--variants", nargs="+", default=["real", "complex"], choices=["real", "complex"])
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, help="torch path chunk sizes (default: its default)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chunk_sizes = args.chunk_sizes or [default_chunk_size(args.seq)]
+    info = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+            "shape": f"B={args.batch} T={args.seq} D={args.dim} fp32", "repeats": args.repeats}
+    print(json.dumps(info), flush=True)
+    results = {}
+    print("| variant | implementation | fwd ms | fwd+bwd ms | speed-up (fwd+bwd) |")
+    print("|---|---|---|---|---|")
+    for variant in args.variants:
+        results[variant] = bench_variant(args.batch, args.seq, args.dim, variant == "complex", args.repeats,
+                                         chunk_sizes)
+        for name, r in results[variant].items():
+            print(f"| {variant} | {name} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
+                  f"{r['speedup_fwd_bwd']:.1f}x |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""GPU benchmark of the Triton scan, in one call: correctness on the device, then speed against fla and a copy.
+
+    python benchmarks/scan_gpu.py                       # on a CUDA machine: check, sweep, time, print a table
+    python benchmarks/scan_gpu.py --quick               # default kernel config only (no sweep)
+    python benchmarks/scan_gpu.py --compile-only 90     # no GPU needed: lower every kernel variant to sm_90 cubin
+
+What is timed (bf16 inputs, fp32 state), at (B=16, T=8192, D=128) and (B=8, T=4096, D=2048):
+  ours   hgrn_megatron.kernels triton path (real; complex also reported), forward and forward+backward
+  fla    fla.ops.hgrn.chunk_hgrn and fused_recurrent_hgrn, when fla is importable
+  copy   a device-to-device copy of the same number of bytes: the bandwidth ceiling
+Bytes are counted as the minimum the operation must move (forward: read x, g, write h; backward adds: read
+do, g, x, write dx, dg), the same figure for every implementation, so "GB/s" compares like with like.
+Goals (issue 3): forward+backward faster than fla's chunk kernel by >= 1.3x; >= 70% of copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+SHAPES = [(16, 8192, 128), (8, 4096, 2048)]
+SWEEP = [dict(chunk_size=c, block_d=d, num_warps=w) for c in (32, 64, 128) for d in (32, 64, 128) for w in (2, 4)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="time the default config only (no sweep)")
+    parser.add_argument("--compile-only", type=int, metavar="SM", help="lower the kernels for sm_SM; no GPU needed")
+    parser.add_argument("--variants", choices=("core", "all"), default="all",
+                        help="with --compile-only: 'core' = bf16 with resets, real and complex (a quick check)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.compile_only is not None:
+        return compile_only(args.compile_only, args.variants)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("scan_gpu: no CUDA device; run with --compile-only SM to check the kernels lower without one")
+        return 2
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "torch": torch.__version__}
+    import triton
+
+    results["triton"] = triton.__version__
+    results["correctness"] = check_correctness()
+    print(json.dumps(results["correctness"], indent=1), flush=True)
+    results["copy_GBps"] = copy_bandwidth()
+    print(f"device copy: {results['copy_GBps']:.0f} GB/s (read + write)", flush=True)
+    results["shapes"] = [time_shape(shape, results["copy_GBps"], sweep=not args.quick) for shape in SHAPES]
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def check_correctness() -> dict:
+    """Relative error of the compiled kernels against the float64 loop on the device (small, awkward sizes)."""
+    import torch
+
+    from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
+
+    report = {}
+    for variant in ("real", "complex"):
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            B, T, D = 3, 333, 100
+            cplx = variant == "complex"
+            x = torch.randn((B, T, D, 2) if cplx else (B, T, D), device="cuda", generator=gen).to(dtype)
+            g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, device="cuda", generator=gen)).to(dtype)
+            theta = torch.randn(D, device="cuda", generator=gen) if cplx else None
+            h0 = torch.randn((B, D, 2) if cplx else (B, D), device="cuda", generator=gen)
+            reset = torch.rand(B, T, device="cuda", generator=gen) < 0.05
+            reset[:, 0] = True
+            reset[1, 100:103] = True
+            w = torch.randn(x.shape, device="cuda", generator=gen, dtype=torch.float64)
+            w_last = torch.randn(h0.shape, device="cuda", generator=gen, dtype=torch.float64)
+
+            def run(fn, widen):
+                leaves = [t.detach().clone().double() if widen else t.detach().clone()
+                          for t in (x, g, h0) + ((theta,) if cplx else ())]
+                leaves = [t.requires_grad_() for t in leaves]
+                th = leaves[3] if cplx else None
+                h, h_last = fn(leaves[0], leaves[1], th, leaves[2])
+                ((h.double() * w).sum() + (h_last.double() * w_last).sum()).backward()
+                return [h, h_last] + [t.grad for t in leaves]
+
+            ours = run(lambda x_, g_, th, s: hgrn_scan(x_, g_, theta=th, initial_state=s, reset=reset,
+                                                        output_final_state=True, backend="triton"), False)
+            ref = run(lambda x_, g_, th, s: hgrn_scan_reference(x_, g_, theta=th, initial_state=s, reset=reset),
+                      True)
+            names = ["h", "h_last", "dx", "dg", "dh0"] + (["dtheta"] if cplx else [])
+            errors = {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in zip(names, ours, ref)}
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            report[f"{variant}-{str(dtype)[6:]}"] = {"max_rel_error": max(errors.values()),
+                                                     "pass": max(errors.values()) <= tol, "errors": errors}
+    return report
+
+
+def copy_bandwidth() -> float:
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    return 2 * src.numel() / ms / 1e6
+
+
+def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    from hgrn_megatron.kernels.triton_scan import triton_scan
+
+    B, T, D = shape
+    dtype = torch.bfloat16
+    x = torch.randn(B, T, D, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, device="cuda")).to(dtype).requires_grad_()
+    do = torch.randn_like(x)
+    unit = B * T * D * x.element_size()
+    bytes_fwd, bytes_fwdbwd = 3 * unit, 8 * unit
+    row = {"shape": f"B{B}-T{T}-D{D}", "rows": []}
+
+    def measure(name, fwd):
+        entry = {"name": name}
+        try:
+            entry["fwd_ms"] = do_bench(lambda: fwd(x, g), warmup=10, rep=50)
+
+            def fwd_bwd():
+                h = fwd(x, g)
+                h.backward(do)
+            entry["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=5, rep=30, grad_to_none=[x, g])
+            entry["fwd_GBps"] = bytes_fwd / entry["fwd_ms"] / 1e6
+            entry["fwdbwd_GBps"] = bytes_fwdbwd / entry["fwdbwd_ms"] / 1e6
+            entry["fwd_of_copy"] = entry["fwd_GBps"] / copy_gbps
+            entry["fwdbwd_of_copy"] = entry["fwdbwd_GBps"] / copy_gbps
+        except Exception as err:  # report and carry on: one failing baseline must not hide the others
+            entry["error"] = f"{type(err).__name__}: {err}"[:300]
+        print(f"  {row['shape']} {json.dumps(entry)}", flush=True)
+        row["rows"].append(entry)
+        return entry
+
+    configs = SWEEP if sweep else [{}]
+    best = None
+    for cfg in configs:
+        if cfg.get("block_d", 0) > max(32, triton_pow2(D)):
+            continue
+        e = measure(f"ours {cfg or 'default'}", lambda x_, g_, c=cfg: triton_scan(x_, g_, **c)[0])
+        if "error" not in e and (best is None or e["fwdbwd_ms"] < best["fwdbwd_ms"]):
+            best = e
+    row["ours_best"] = best
+    if sweep:
+        row["ours_default"] = measure("ours default", lambda x_, g_: triton_scan(x_, g_)[0])
+    theta = torch.randn(D, device="cuda")
+    xc = torch.randn(B, T, D, 2, device="cuda", dtype=dtype, requires_grad=True)
+    try:
+        entry = {"name": "ours complex (x is [B,T,D,2]: 2x the bytes of x and h)"}
+        entry["fwd_ms"] = do_bench(lambda: triton_scan(xc, g, theta=theta)[0], warmup=10, rep=50)
+        row["rows"].append(entry)
+    except Exception as err:
+        row["rows"].append({"name": "ours complex", "error": f"{type(err).__name__}: {err}"[:300]})
+    try:
+        from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+    except Exception as err:
+        row["fla"] = f"not importable: {err}"
+    else:
+        row["fla_chunk"] = measure("fla chunk_hgrn", lambda x_, g_: chunk_hgrn(x_, g_)[0])
+        row["fla_fused_recurrent"] = measure("fla fused_recurrent_hgrn",
+                                             lambda x_, g_: fused_recurrent_hgrn(x_, g_)[0])
+        if best is not None and "error" not in row["fla_chunk"]:
+            row["speedup_vs_fla_chunk_fwd"] = row["fla_chunk"]["fwd_ms"] / best["fwd_ms"]
+            row["speedup_vs_fla_chunk_fwdbwd"] = row["fla_chunk"]["fwdbwd_ms"] / best["fwdbwd_ms"]
+    row["torch_path"] = measure("ours torch path (reference point)",
+                                lambda x_, g_: __import__("hgrn_megatron.kernels", fromlist=["hgrn_scan"])
+                                .hgrn_scan(x_, g_, backend="torch", check_values=False)[0])
+    return row
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['device']}  copy {results['copy_GBps']:.0f} GB/s  ({results['date']})")
+    print("| shape | implementation | fwd ms | fwd GB/s (% copy) | fwd+bwd ms | fwd+bwd GB/s (% copy) |")
+    print("|---|---|---|---|---|---|")
+    for row in results["shapes"]:
+        picks = [("ours (best config)", row.get("ours_best")), ("ours (default config)", row.get("ours_default")),
+                 ("fla chunk_hgrn", row.get("fla_chunk")), ("fla fused_recurrent_hgrn", row.get("fla_fused_recurrent")),
+                 ("torch path", row.get("torch_path"))]
+        for label, e in picks:
+            if not e or "error" in e:
+                continue
+            print(f"| {row['shape']} | {label} {e['name'][4:] if label.startswith('ours (best') else ''} | "
+                  f"{e['fwd_ms']:.3f} | {e['fwd_GBps']:.0f} ({100 * e['fwd_of_copy']:.0f}%) | "
+                  f"{e['fwdbwd_ms']:.3f} | {e['fwdbwd_GBps']:.0f} ({100 * e['fwdbwd_of_copy']:.0f}%) |")
+        if "speedup_vs_fla_chunk_fwdbwd" in row:
+            print(f"| {row['shape']} | speed-up vs fla chunk | {row['speedup_vs_fla_chunk_fwd']:.2f}x | | "
+                  f"{row['speedup_vs_fla_chunk_fwdbwd']:.2f}x | |")
+
+
+def compile_only(sm: int, variants: str = "all") -> int:
+    """Lower the kernel variants (real/complex x bf16/fp32 x with/without resets; 'core': bf16 with resets)
+    to cubins for sm_SM through Triton's own ptxas: catches lowering errors on a machine without a GPU."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET"):
+        raise RuntimeError("--compile-only needs triton imported without TRITON_INTERPRET")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hgrn_megatron.kernels import triton_scan as ts
+
+    target = GPUTarget("cuda", sm, 32)
+    count, started = 0, time.perf_counter()
+    if variants == "core":
+        combos = [(False, "bf16", True), (True, "bf16", True)]
+    else:
+        combos = [(c, dt, r) for c in (False, True) for dt in ("bf16", "fp32") for r in (False, True)]
+    for complex_mode, dt, has_reset in combos:
+        th = "*fp32" if complex_mode else "constexpr"
+        block = dict(D=2048, BT=64, BD=64, COMPLEX=complex_mode, HAS_RESET=has_reset)
+        if not complex_mode:
+            block["theta"] = None
+        if not has_reset:
+            block["reset"] = None
+        rs = "*u8" if has_reset else "constexpr"
+        tail = {"T": "i32", "D": "constexpr", "BT": "constexpr", "BD": "constexpr",
+                "COMPLEX": "constexpr", "HAS_RESET": "constexpr"}
+        kernels = [
+            (ts.chunk_hgrn_fwd_kernel_summary, {"x": f"*{dt}", "g": f"*{dt}", "theta": th, "reset": rs,
+                                                "chunk_a": "*fp32", "chunk_h": "*fp32", **tail}, block),
+            (ts.chunk_hgrn_fwd_kernel_output, {"x": f"*{dt}", "g": f"*{dt}", "theta": th, "reset": rs,
+                                               "entering": "*fp32", "out": f"*{dt}", **tail}, block),
+            (ts.chunk_hgrn_bwd_kernel_summary, {"do": f"*{dt}", "g": f"*{dt}", "theta": th, "reset": rs,
+                                                "chunk_b": "*fp32", "chunk_s": "*fp32", **tail}, block),
+            (ts.chunk_hgrn_bwd_kernel_grads, {"x": f"*{dt}", "do": f"*{dt}", "g": f"*{dt}", "theta": th,
+                                              "reset": rs, "entering": "*fp32", "arriving": "*fp32",
+                                              "dx": f"*{dt}", "dg": f"*{dt}",
+                                              "dtheta_part": "*fp32" if complex_mode else "constexpr",
+                                              **tail},
+             {**block, **({} if complex_mode else {"dtheta_part": None})}),
+            (ts.chunk_hgrn_bwd_kernel_carry, {"chunk_b": "*fp32", "chunk_s": "*fp32", "dht": "*fp32",
+                                              "g": f"*{dt}", "theta": th, "reset": rs, "arriving": "*fp32",
+                                              "dh0": "*fp32", "T": "i32", "NT": "i32", "D": "constexpr",
+                                              "BD": "constexpr", "COMPLEX": "constexpr",
+                                              "HAS_RESET": "constexpr", "HAS_FINAL_GRAD": "constexpr",
+                                              "HAS_INITIAL": "constexpr"},
+             {k: v for k, v in {**block, "HAS_FINAL_GRAD": True, "HAS_INITIAL": True}.items()
+              if k != "BT"}),
+        ]
+        if dt == "bf16" and (has_reset or variants == "all"):  # the carry kernel touches no input tensor: once per variant
+            kernels.append((ts.chunk_hgrn_fwd_kernel_carry,
+                            {"chunk_a": "*fp32", "chunk_h": "*fp32", "h0": "*fp32", "entering": "*fp32",
+                             "ht": "*fp32", "NT": "i32", "D": "constexpr", "BD": "constexpr",
+                             "COMPLEX": "constexpr", "HAS_INITIAL": "constexpr", "STORE_FINAL": "constexpr"},
+                            dict(D=2048, BD=64, COMPLEX=complex_mode, HAS_INITIAL=True, STORE_FINAL=True)))
+        for fn, signature, constexprs in kernels:
+            compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+                                      target=target, options={"num_warps": 4})
+            assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
+            count += 1
+    print(f"compiled {count} kernel variants to sm_{sm} cubin in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The public entry point: input checks (messages name the argument and what was expected) and dispatch."""
+import pytest
+import torch
+
+from hgrn_megatron.kernels import BACKENDS, hgrn_scan, hgrn_scan_reference
+from hgrn_megatron.kernels.scan import _resolve_backend
+
+
+def _inputs(B=2, T=5, D=3, complex_mode=False):
+    x = torch.randn((B, T, D, 2) if complex_mode else (B, T, D))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, D))
+    return x, g
+
+
+@pytest.mark.parametrize("kwargs, x_shape, message", [
+    ({}, (2, 5, 4), r"x must be \[2, 5, 3\] to match g \[2, 5, 3\] float32, got \[2, 5, 4\]"),
+    ({}, (2, 5, 3, 2), r"needs theta"),
+    ({"theta": torch.zeros(3)}, (2, 5, 3), r"x must be \[2, 5, 3, 2\].*theta was given"),
+    ({"theta": torch.zeros(4)}, (2, 5, 3, 2), r"theta must be a floating \[D\] = \[3\] tensor, got \[4\]"),
+    ({"initial_state": torch.zeros(2, 4)}, (2, 5, 3), r"initial_state must be a floating \[2, 3\] tensor"),
+    ({"theta": torch.zeros(3), "initial_state": torch.zeros(2, 3)}, (2, 5, 3, 2), r"initial_state .*\[2, 3, 2\]"),
+    ({"reset": torch.zeros(2, 5)}, (2, 5, 3), r"reset must be a bool \[B, T\] = \[2, 5\] tensor, got \[2, 5\] float32"),
+    ({"reset": torch.zeros(2, 4, dtype=torch.bool)}, (2, 5, 3), r"reset must be a bool"),
+])
+def test_bad_shapes_are_named(kwargs, x_shape, message):
+    g = torch.nn.functional.logsigmoid(torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match=message):
+        hgrn_scan(torch.randn(x_shape), g, backend="torch", **kwargs)
+
+
+def test_bad_dtypes_and_ranks_are_named():
+    x, g = _inputs()
+    with pytest.raises(ValueError, match=r"x must be fp16/bf16/fp32/fp64, got \[2, 5, 3\] int64"):
+        hgrn_scan(x.long(), g)
+    with pytest.raises(ValueError, match=r"g must be \[B, T, D\], got \[10, 3\]"):
+        hgrn_scan(x, g.reshape(10, 3))
+    with pytest.raises(ValueError, match=r"empty input"):
+        hgrn_scan(x[:, :0], g[:, :0])
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor"):
+        hgrn_scan(x.tolist(), g)
+
+
+def test_gate_values_are_checked_on_cpu():
+    x, g = _inputs()
+    bad = g.clone()
+    bad[0, 1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"must be <= 0 .* found 1 bad values, e.g. \[0.5\]"):
+        hgrn_scan(x, bad)
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"must be <= 0 \(and not NaN\)"):
+        hgrn_scan(x, bad)
+    hgrn_scan(x, bad.nan_to_num(-1.0), check_values=False)
+    # -inf is a legitimate gate (decay exactly zero).
+    g_inf = g.clone()
+    g_inf[:, 2] = float("-inf")
+    h, _ = hgrn_scan(x, g_inf, backend="torch")
+    torch.testing.assert_close(h[:, 2], x[:, 2])
+
+
+def test_inputs_must_share_a_device():
+    x, g = _inputs()
+    with pytest.raises(ValueError, match=r"one device.*'x': device\(type='meta'\)"):
+        hgrn_scan(x.to("meta"), g)
+
+
+def test_backend_names_and_resolution(monkeypatch):
+    x, g = _inputs()
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'torch', 'triton'\)"):
+        hgrn_scan(x, g, backend="cuda")
+    assert _resolve_backend("auto", x) == "torch"  # CPU tensors
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(got device cpu\)"):
+        _resolve_backend("triton", x)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_contract(backend, dtype):
+    """h: x's shape and dtype; h_last: fp32 (or None); the same numbers from every backend."""
+    x, g = _inputs(complex_mode=True)
+    theta = torch.randn(3)
+    h0 = torch.randn(2, 3, 2)
+    x, g = x.to(dtype), g.to(dtype)
+    h, h_last = hgrn_scan(x, g, theta=theta, initial_state=h0, output_final_state=True, backend=backend)
+    assert h.shape == x.shape and h.dtype == dtype
+    assert h_last.shape == (2, 3, 2) and h_last.dtype == torch.float32
+    ref, ref_last = hgrn_scan_reference(x, g, theta=theta, initial_state=h0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (h.double() - ref).norm() <= tol * ref.norm()
+    assert (h_last.double() - ref_last).norm() <= 1e-5 * ref_last.norm()
+    assert hgrn_scan(x, g, theta=theta, backend=backend)[1] is None
