@@ -63,3 +63,15 @@ if not hasattr(kernels, "hgrn_scan"):
         return (torch.view_as_real(y) if theta is not None else y).to(x.dtype), None
 
     kernels.hgrn_scan = _scan_loop
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tests run many tiny ops (decode steps, small models): on a shared 2-core machine two OpenMP
+    threads cost far more in synchronisation than they save. Restored after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
