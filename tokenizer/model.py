@@ -39,7 +39,9 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
     gets an equal, aligned slice of the vocabulary. The padding rows are never produced by the tokenizer.
     """
     if vocab_size <= 0 or tp_size <= 0 or multiple <= 0:
-        raise ValueError(f"padded_vocab_size: sizes must be positive (vocab {vocab_size}, tp {tp_size}, multiple {multiple})")
+        raise ValueError(
+            f"padded_vocab_size: sizes must be positive (vocab {vocab_size}, tp {tp_size}, multiple {multiple})"
+        )
     unit = multiple * tp_size
     return -(-vocab_size // unit) * unit
 
@@ -95,7 +97,9 @@ class Tokenizer:
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"{model_path}: not a SentencePiece model ({err})") from None
         recorded = {"vocab_size": metadata.get("vocab_size"), **metadata.get("special_ids", {})}
-        found = {"vocab_size": tok.vocab_size, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+        found = {
+            "vocab_size": tok.vocab_size, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id
+        }
         if recorded != found:
             raise TokenizerError(f"{meta_path}: records {recorded}, but {model_path.name} has {found}")
         return tok

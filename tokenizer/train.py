@@ -22,7 +22,13 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from hgrn_megatron.pretrain.data.counters import DataCounters
-from hgrn_megatron.pretrain.data.shards import RecordParser, SkipWarner, iter_documents, resolve_shards, shard_display_names
+from hgrn_megatron.pretrain.data.shards import (
+    RecordParser,
+    SkipWarner,
+    iter_documents,
+    resolve_shards,
+    shard_display_names,
+)
 from hgrn_megatron.tokenizer.config import TokenizerTrainConfig
 from hgrn_megatron.tokenizer.model import (
     METADATA_FILE,

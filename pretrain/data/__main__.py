@@ -34,7 +34,9 @@ ENCODE_BATCH_DOCS = 64
 EXAMPLES_PER_KIND = 3
 
 
-def scan_shards(paths: list[Path], names: list[str], parser: RecordParser, tokenizer=None, progress: bool = True) -> dict:
+def scan_shards(
+    paths: list[Path], names: list[str], parser: RecordParser, tokenizer=None, progress: bool = True
+) -> dict:
     """Read every record; return per-source, per-shard and per-kind counts plus example bad lines."""
     sources: dict[str, Counter] = defaultdict(Counter)
     shards: dict[str, Counter] = {}

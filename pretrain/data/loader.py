@@ -89,24 +89,26 @@ def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, 
     """Loader worker: produce this worker's lanes' samples in the rank's order, `prefetch` ahead at most."""
     for end in trainer_ends:  # inherited copies of the trainer's read ends: without them, a closed trainer end
         end.close()  # makes our send fail instead of block
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and closes us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # preemption notices are for the trainer
+    # Ctrl-C and preemption signals (SLURM sends SIGTERM/SIGUSR1 to every process of the job) are for the trainer,
+    # which may still need samples to finish its step and checkpoint; it closes us when done.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     try:
         group = LaneGroup(spec, lane_states, tokenizer)
         mine = set(group.lanes)
         L = spec.lanes
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for j in rank_samples(start, dp_rank, dp_size):
             lane = j % L
             if lane not in mine:
                 continue
             tokens, doc_start, snapshot, delta = group.produce(lane, j // L)
-            item = (j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0, group.num_readers())
+            t1, c1 = time.perf_counter(), time.process_time()
+            item = (j, tokens, doc_start, snapshot, delta.counts, t1 - t0, c1 - c0, group.num_readers())
             if not _send(conn, credits, item, stop, parent_pid):
                 return
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
     except BaseException as err:  # noqa: BLE001 - report everything to the trainer
         credits.release()  # an error report never waits for room
         _send(conn, credits, ("error", isinstance(err, DataError), f"{type(err).__name__}: {err}",
@@ -128,7 +130,9 @@ class TrainLoader:
         if not (0 <= dp_rank < dp_size):
             raise ValueError(f"TrainLoader: dp_rank {dp_rank} is not in [0, {dp_size})")
         if seq_length < 1 or micro_batch_size < 1:
-            raise ValueError(f"TrainLoader: seq_length ({seq_length}) and micro_batch_size ({micro_batch_size}) must be >= 1")
+            raise ValueError(
+                f"TrainLoader: seq_length ({seq_length}) and micro_batch_size ({micro_batch_size}) must be >= 1"
+            )
         self.cfg = cfg
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -155,7 +159,8 @@ class TrainLoader:
         self._closed = False
         self.num_workers = min(cfg.num_workers, len(self.lanes))
         W = self.num_workers
-        self._worker_busy = [0.0] * max(W, 1)
+        self._worker_busy = [0.0] * max(W, 1)  # seconds spent producing (wall clock, and CPU)
+        self._worker_cpu = [0.0] * max(W, 1)
         self._worker_samples = [0] * max(W, 1)
         self._readers = [1] * max(W, 1)
         self._owner = {lane: i % max(W, 1) for i, lane in enumerate(self.lanes)}
@@ -208,14 +213,17 @@ class TrainLoader:
         w = self._owner[lane]
         t0 = time.perf_counter()
         if self.num_workers == 0:
+            c0 = time.process_time()
             tokens, doc_start, snapshot, delta = self._group.produce(lane, j // self.spec.lanes)
-            busy, readers, counts = time.perf_counter() - t0, self._group.num_readers(), delta.counts
+            busy, cpu = time.perf_counter() - t0, time.process_time() - c0
+            readers, counts = self._group.num_readers(), delta.counts
         else:
-            got_j, tokens, doc_start, snapshot, counts, busy, readers = self._get(w)
+            got_j, tokens, doc_start, snapshot, counts, busy, cpu, readers = self._get(w)
             if got_j != j:
                 raise RuntimeError(f"data worker {w} sent sample {got_j}, expected {j} (loader bug)")
         self._wait_s += time.perf_counter() - t0
         self._worker_busy[w] += busy
+        self._worker_cpu[w] += cpu
         self._worker_samples[w] += 1
         self._readers[w] = readers
         self._snapshots[lane] = snapshot
@@ -271,16 +279,20 @@ class TrainLoader:
         out = DataCounters.total(self._counters.values()).summary()
         passes = [s["doc_pass"] for s in self._snapshots.values() if s["doc"] is not None] or [0]
         per_epoch = self.spec.mixture.passes_per_epoch
-        rates = [
-            n * self.seq_length / b for n, b in zip(self._worker_samples, self._worker_busy) if n and b > 0
-        ]
+
+        def rate(seconds):  # production rate of each worker, summed: what the loader could deliver
+            return sum(n * self.seq_length / b for n, b in zip(self._worker_samples, seconds) if n and b > 0)
+
         out.update(
             samples=self._consumed,
             sample_tokens=self._consumed * self.seq_length,
             next_global_sample=self.start_sample + self.dp_rank + self._consumed * self.dp_size,
             pass_index=max(passes),
             epoch=max(passes) // per_epoch,
-            loader_tokens_per_s=sum(rates),
+            loader_tokens_per_s=rate(self._worker_busy),
+            loader_tokens_per_cpu_s=rate(self._worker_cpu),
+            loader_busy_s=sum(self._worker_busy),
+            loader_cpu_s=sum(self._worker_cpu),
             wait_s=self._wait_s,
             workers=self.num_workers,
             readers=sum(self._readers[: max(self.num_workers, 1)]),
@@ -302,8 +314,8 @@ class TrainLoader:
         deadline = time.monotonic() + CLOSE_GRACE_S
         for p in self._procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
-            if p.is_alive():  # busy with a long document: it holds nothing worth a clean exit
-                p.terminate()
+            if p.is_alive():  # busy with a long document; it ignores SIGTERM and holds nothing worth saving
+                p.kill()
                 p.join(timeout=5)
 
     def __enter__(self):

@@ -132,7 +132,8 @@ def merge_data_states(states: Sequence[dict]) -> dict:
 def as_global_state(state: dict) -> dict:
     """Accept a global state, or the state of a single-rank run (merged on the spot)."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DataError(f"not a data state of format {STATE_FORMAT} (got keys {sorted(state)[:6] if isinstance(state, dict) else type(state)})")
+        got = f"keys {sorted(state)[:6]}" if isinstance(state, dict) else type(state).__name__
+        raise DataError(f"not a data state of format {STATE_FORMAT} (got {got})")
     if state["kind"] == "global":
         return state
     if state["dp_size"] == 1:

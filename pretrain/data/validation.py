@@ -35,13 +35,15 @@ def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, coun
             sources.append(source)
             total += len(ids)
 
+    # Encode in growing batches (1, 2, 4, ... documents) so that little is encoded past what is needed.
+    size = 1
     for path, name in zip(paths, names):
         batch = []
         for _, doc in iter_documents(path, parser, shard_name=name, counters=counters, warner=warner):
             batch.append(doc)
-            if len(batch) == ENCODE_BATCH_DOCS:
+            if len(batch) == size:
                 flush(batch)
-                batch = []
+                batch, size = [], min(2 * size, ENCODE_BATCH_DOCS)
                 if total >= tokens_needed:
                     break
         if batch:

@@ -24,7 +24,8 @@ def test_inspect_and_verify_report_bad_records(tmp_path, capsys):
                                                 "documents": 2, "invalid_json": 1, "empty_text": 1}
     assert report["sources"]["Src"]["documents"] == 1 and report["sources"]["Src"]["skipped:empty_text"] == 1
     assert report["sources"]["Src"]["tokens"] > 1
-    assert report["examples"]["invalid_json"] == ["a.jsonl.zst line 2: invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"]
+    [example] = report["examples"]["invalid_json"]
+    assert example.startswith("a.jsonl.zst line 2: invalid JSON: Expecting property name")
 
     assert main(["verify", str(tmp_path / "*.jsonl.zst"), "--quiet"]) == 1
     captured = capsys.readouterr()

@@ -68,6 +68,25 @@ def test_a_shard_changed_under_a_saved_state_is_detected(tmp_path, tokenizer):
     assert state["lanes"][0]["doc"][3] > 5
     write_zst(tmp_path / "shard-00.jsonl.zst", [record("replaced") for _ in range(3)])
     for workers in (0, 1):
-        with pytest.raises(DataError, match=r"shard-00.jsonl.zst: the saved data state points at line \d+, but the shard has only 3"):
-            with TrainLoader(cfg.model_copy(update={"num_workers": workers}), tokenizer, 16, 1, 0, 1, state=state) as loader:
+        cfg_w = cfg.model_copy(update={"num_workers": workers})
+        with pytest.raises(DataError, match=r"shard-00.jsonl.zst: the saved data state points at line \d+, but"):
+            with TrainLoader(cfg_w, tokenizer, 16, 1, 0, 1, state=state) as loader:
                 next(loader)
+
+
+def test_workers_survive_the_preemption_signals_meant_for_the_trainer(corpus, tokenizer):
+    """SLURM signals every process of a job; the trainer may still need samples to finish its step and save."""
+    cfg = data_config(corpus["glob"], num_workers=2)
+    ref, _, _, _ = run_ranks(cfg, tokenizer, 32, 1, 1, 30, workers=0)
+    loader = TrainLoader(cfg, tokenizer, 32, 1, 0, 1)
+    try:
+        got = [next(loader)["tokens"].numpy()[0] for _ in range(2)]
+        for p in loader._procs:
+            os.kill(p.pid, signal.SIGTERM)
+            os.kill(p.pid, signal.SIGUSR1)
+        got += [next(loader)["tokens"].numpy()[0] for _ in range(28)]
+        assert all(p.is_alive() for p in loader._procs)
+    finally:
+        loader.close()
+    assert not any(p.is_alive() for p in loader._procs)
+    assert np.array_equal(np.stack(got), ref)

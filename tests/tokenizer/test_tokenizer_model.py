@@ -57,7 +57,7 @@ def test_encode_batch_matches_encode(shipped_tokenizer):
 
 def test_special_ids_and_digit_splitting(shipped_tokenizer):
     tok = shipped_tokenizer
-    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == tuple(SPECIAL_IDS[k] for k in ("unk", "bos", "eos", "pad"))
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3) == tuple(SPECIAL_IDS.values())
     assert tok.vocab_size == 2048
     assert [tok.id_to_piece(i) for i in tok.encode("2024")] == ["2", "0", "2", "4"]
     for special in (tok.bos_id, tok.eos_id, tok.pad_id):
@@ -77,7 +77,8 @@ def test_padded_vocab_size_matches_megatron():
 
 def test_load_accepts_the_directory_or_the_model_file(shipped_tokenizer):
     by_file = Tokenizer.load(ASSETS / "tokenizer" / "tokenizer.model")
-    assert by_file.sha256 == shipped_tokenizer.sha256 == json.loads((ASSETS / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+    recorded = json.loads((ASSETS / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+    assert by_file.sha256 == shipped_tokenizer.sha256 == recorded
     clone = pickle.loads(pickle.dumps(shipped_tokenizer))  # how spawned loader workers receive it
     assert clone.encode("pickled tokenizer") == shipped_tokenizer.encode("pickled tokenizer")
 
