@@ -17,8 +17,23 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Import-time notices from megatron-core/DeepSpeed about optional libraries we deliberately run without
+# (Apex, Transformer Engine) and deprecations inside those packages. This is the one filter list: the trainer,
+# the tools and the test suite all call `configure_environment`.
+_QUIET_WARNINGS = [
+    dict(message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*", category=UserWarning),
+    dict(message=r".*full scope is deprecated.*", category=UserWarning),
+    dict(category=DeprecationWarning, module=r"(megatron|deepspeed)\..*"),
+    dict(category=FutureWarning, module=r"(megatron|deepspeed)\..*"),
+]
+
+
 def configure_environment() -> None:
-    """Environment variables that must be set before deepspeed/megatron are imported."""
+    """Environment variables that must be set before deepspeed/megatron are imported, and warning filters."""
+    import warnings
+
+    for spec in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", **spec)
     if not cuda_available():
         # DeepSpeed picks its accelerator at import time; without this it probes for CUDA and warns.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -38,6 +38,11 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> La
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(le.local_rank)
+    # DeepSpeed reads these from the environment whatever the launcher (torchrun sets them; srun and a plain
+    # process do not).
+    os.environ.setdefault("RANK", str(le.rank))
+    os.environ.setdefault("WORLD_SIZE", str(le.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(le.local_rank))
     if le.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
