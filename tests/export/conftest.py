@@ -41,30 +41,6 @@ def sample_texts() -> list[str]:
     return texts
 
 
-# TEMPORARY until hgrn_megatron.kernels.hgrn_scan lands: a float64 loop stands in for the native model's scan.
-from hgrn_megatron import kernels  # noqa: E402
-
-if not hasattr(kernels, "hgrn_scan"):
-    import torch
-
-    def _scan_loop(x, g, *, theta=None, initial_state=None, output_final_state=False, reset=None, backend="auto"):
-        rotation = None if theta is None else torch.complex(torch.cos(theta.double()), torch.sin(theta.double()))
-        xs = torch.view_as_complex(x.double().contiguous()) if theta is not None else x.double()
-        h, out = torch.zeros_like(xs[:, 0]), []
-        for t in range(g.shape[1]):
-            decay = torch.exp(g[:, t].double())
-            if rotation is not None:
-                decay = decay * rotation
-            if reset is not None:
-                decay = torch.where(reset[:, t, None], torch.zeros_like(decay), decay)
-            h = decay * h + xs[:, t]
-            out.append(h)
-        y = torch.stack(out, dim=1)
-        return (torch.view_as_real(y) if theta is not None else y).to(x.dtype), None
-
-    kernels.hgrn_scan = _scan_loop
-
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """These tests run many tiny ops (decode steps, small models): on a shared 2-core machine two OpenMP
