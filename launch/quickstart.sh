@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up .venv, train a SentencePiece tokenizer on the sample that ships
 # in tests/assets, pretrain a tiny HGRN on CPU (configs/quickstart.yaml), checkpoint, export to Hugging Face and
-# print a generated sample. Extra arguments are config overrides (key.sub=value), e.g. train.steps=50.
+# print a generated sample. Extra arguments are config overrides (key.sub=value), e.g. train.steps=50;
+# RUN_DIR (default runs/quickstart) moves everything the job writes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
-RUN_DIR=runs/quickstart
+RUN_DIR="${RUN_DIR:-runs/quickstart}"
 
 echo "[quickstart] 1/4 tokenizer: SentencePiece BPE (4096 pieces) on tests/assets/pile-mini"
 if [ ! -f "$RUN_DIR/tokenizer/tokenizer.model" ]; then
@@ -18,7 +19,7 @@ else
 fi
 
 echo "[quickstart] 2/4 pretraining (resumes if $RUN_DIR/checkpoints has a checkpoint)"
-hgrn-pretrain --config configs/quickstart.yaml "$@"
+hgrn-pretrain --config configs/quickstart.yaml run_dir="$RUN_DIR" tokenizer.model="$RUN_DIR/tokenizer" "$@"
 
 echo "[quickstart] 3/4 export to Hugging Face format: $RUN_DIR/hf"
 hgrn-export-hf --checkpoint "$RUN_DIR" --out "$RUN_DIR/hf" --overwrite
