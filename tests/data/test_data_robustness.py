@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from data_harness import data_config, make_text, record, run_ranks, write_zst
-from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader
+from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader, flatten_stats
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.mixture import Mixture
 from hgrn_megatron.pretrain.data.shards import iter_lines, resolve_shards, shard_display_names
@@ -104,6 +104,10 @@ def test_skip_counts_are_exact_when_the_last_good_document_of_a_pass_is_read(bro
     assert stats["skipped_total"] == sum(expected.values())
     want_sources = Counter(records[i][1][1] for i in good)
     assert stats["documents_by_source"] == dict(want_sources)
+    flat = flatten_stats(stats)
+    assert flat["data/skipped_by_kind/invalid_json"] == sum(n for k, n in expected.items() if k[1] == "invalid_json")
+    assert flat["data/documents"] == len(good) and "data/skipped_by_shard/d-garbage.jsonl.zst/corrupt_stream" in flat
+    assert stats["workers"] == workers and stats["loader_tokens_per_s"] > 0 and stats["wait_s"] >= 0
 
 
 def test_every_good_document_arrives_and_nothing_else(broken_corpus, tokenizer):
