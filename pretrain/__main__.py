@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.validate_world(le.world_size)
+        cfg.data.check_paths()  # a missing shard path or an empty glob fails here, not on some rank later
     except ConfigError as err:
         print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -276,4 +276,4 @@ def load_checkpoint(engine, ckpt_dir: Path, universal: bool) -> None:
 
 
 def load_data_state(ckpt_dir: Path) -> Any:
-    return torch.load(ckpt_dir / "data_state.pt", weights_only=False)
+    return torch.load(ckpt_dir / "data_state.pt", weights_only=True)

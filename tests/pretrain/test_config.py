@@ -71,3 +71,8 @@ def test_missing_config_file(capsys, tmp_path):
 def test_unknown_preset(capsys, config_file):
     err = _error(capsys, config_file, "model.preset=hgrn-13b")
     assert "model: unknown preset 'hgrn-13b'; choose one of: tiny," in err
+
+
+def test_missing_shards_fail_before_training(capsys, config_file):
+    err = _error(capsys, config_file, "data.train_shards=[/nonexistent/shards/*.jsonl.zst]")
+    assert "/nonexistent/shards/*.jsonl.zst" in err
