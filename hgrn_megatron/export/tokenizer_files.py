@@ -102,6 +102,7 @@ def write_tokenizer_files(model_path: Path, out_dir: Path, *, verify_texts: tupl
     specials = _special_pieces(sp)
     common = {**specials, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
               "add_bos_token": False, "add_eos_token": False,
+              "padding_side": "left",  # batched generation pads on the left
               "model_max_length": 10**30}  # a recurrent model has no context limit
     texts = list(PROBE_TEXTS) + list(verify_texts)
     try:

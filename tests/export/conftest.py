@@ -18,7 +18,8 @@ def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
         Tokenizer.load(ASSET_TOKENIZER)
         return ASSET_TOKENIZER
     out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(text_shards()[:1], out, vocab_size=512, sample_chars=300_000, character_coverage=0.995, progress=False)
+    train_tokenizer(text_shards()[:1], out, vocab_size=512, sample_chars=300_000, character_coverage=0.995,
+                    progress=False)
     return out
 
 

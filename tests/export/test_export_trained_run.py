@@ -21,8 +21,9 @@ def run_tree(run_dir: Path) -> dict:
     return {
         "run_dir": str(run_dir),
         "model": {"preset": "tiny", "seq_length": 128, "reset_at_document_boundary": True},
+        # 100 validation samples = 12,800 tokens: past the first validation document, so resets happen.
         "data": {"train_shards": [str(ASSETS / "pile-mini" / "train-*.jsonl.zst")],
-                 "valid_shards": [str(ASSETS / "pile-mini" / "val.jsonl.zst")], "valid_samples": 100,  # 12,800 tokens: past the first validation document
+                 "valid_shards": [str(ASSETS / "pile-mini" / "val.jsonl.zst")], "valid_samples": 100,
                  "num_workers": 0},
         "tokenizer": {"model": str(ASSETS / "tokenizer" / "tokenizer.model")},
         "train": {"steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": 4, "seed": 3},

@@ -213,7 +213,8 @@ class HGRNCache:
         """Select batch rows (beam search)."""
         self.states = [s.index_select(0, beam_idx.to(s.device)) if s is not None else None for s in self.states]
         if self.last_token_was_eos is not None:
-            self.last_token_was_eos = self.last_token_was_eos.index_select(0, beam_idx.to(self.last_token_was_eos.device))
+            rows = beam_idx.to(self.last_token_was_eos.device)
+            self.last_token_was_eos = self.last_token_was_eos.index_select(0, rows)
 
 
 @dataclass
@@ -242,8 +243,9 @@ class HGRNPreTrainedModel(PreTrainedModel):
                 # RoPE-like phases 10000^(-2j/d) (the paper's initialisation of theta)
                 j = torch.arange(module.channels, dtype=torch.float32, device=module.theta.device)
                 module.theta.copy_(10000.0 ** (-2.0 * j / module.channels))
-            if isinstance(module, HGRNModel) and module.lower_bounds is not None and not _initialized(module.lower_bounds):
-                module.lower_bounds.zero_()  # uniform softmax over layers
+            bounds = module.lower_bounds if isinstance(module, HGRNModel) else None
+            if bounds is not None and not _initialized(bounds):
+                bounds.zero_()  # uniform softmax over layers
 
 
 def _initialized(param: torch.Tensor) -> bool:
