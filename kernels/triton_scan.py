@@ -69,25 +69,55 @@ def _decays(g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D: tl.constexpr,
 
 
 @triton.jit
-def _chunk_decay(b_lg, n, b_th, COMPLEX: tl.constexpr, CONJ: tl.constexpr):
-    """Total decay of a chunk of n rotating steps: exp(Σ log-magnitude) e^{±inθ}, as [BD] (re, im).
+def _rotation(n, b_th):
+    """cos(nθ), sin(nθ) accurate to fp32 for an integer-valued fp32 n however large nθ is: the fma recovers
+    the rounding error of n·θ (hi + lo = nθ exactly), then cos(hi + lo) ≈ cos hi - lo sin hi."""
+    b_hi = n * b_th
+    b_lo = tl.fma(n, b_th, -b_hi)
+    b_c = tl.cos(b_hi)
+    b_s = tl.sin(b_hi)
+    return b_c - b_lo * b_s, b_s + b_lo * b_c
 
-    Not the product of the per-step decays: fp32 products of numbers just below 1 are biased low, and the
-    carry across chunks would compound that bias. The angle nθ is split exactly into hi + lo (an fma gives
-    the rounding error of n·θ), so the rotation is accurate to fp32 even when nθ is large.
+
+@triton.jit
+def _combine_log_real(l1, h1, l2, h2):
+    return l1 + l2, tl.exp(l2) * h1 + h2
+
+
+@triton.jit
+def _combine_log_complex(l1, n1, th1, hr1, hi1, l2, n2, th2, hr2, hi2):
+    b_c, b_s = _rotation(n2, th2)
+    b_m = tl.exp(l2)
+    return l1 + l2, n1 + n2, th2, b_m * (b_c * hr1 - b_s * hi1) + hr2, b_m * (b_c * hi1 + b_s * hr1) + hi2
+
+
+@triton.jit
+def _scan_chunks(b_l, b_n, b_th, b_hr, b_hi, COMPLEX: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan over chunk summaries in log space: a segment is (Σ log-magnitude, rotating steps n, θ, state).
+
+    Chunk decays are never multiplied together: a segment's decay is exp(Σ log) e^{inθ}, exact to fp32
+    rounding. (Products of fp32 numbers just below 1 are biased low, and that bias would compound over
+    the chunks of a long sequence.)
     """
-    b_mag = tl.exp(tl.sum(b_lg, axis=0))
     if COMPLEX:
-        b_hi = n * b_th
-        b_lo = tl.fma(n + tl.zeros_like(b_th), b_th, -b_hi)
-        b_c = tl.cos(b_hi)
-        b_s = tl.sin(b_hi)
-        b_re = b_mag * (b_c - b_lo * b_s)
-        b_im = b_mag * (b_s + b_lo * b_c)
-        if CONJ:
-            b_im = -b_im
-        return b_re, b_im
-    return b_mag, tl.zeros_like(b_mag)
+        b_l, b_n, b_th, b_hr, b_hi = tl.associative_scan((b_l, b_n, b_th, b_hr, b_hi), axis=0,
+                                                         combine_fn=_combine_log_complex, reverse=REVERSE)
+    else:
+        b_l, b_hr = tl.associative_scan((b_l, b_hr), axis=0, combine_fn=_combine_log_real, reverse=REVERSE)
+    return b_l, b_n, b_hr, b_hi
+
+
+@triton.jit
+def _apply_segment(b_l, b_n, b_th, b_hr, b_hi, b_sr, b_si, COMPLEX: tl.constexpr):
+    """State after a scanned segment entered with state s: h + exp(l) e^{inθ} s."""
+    b_m = tl.exp(b_l)
+    if COMPLEX:
+        b_c, b_s = _rotation(b_n, b_th)
+        b_ar = b_m * b_c
+        b_ai = b_m * b_s
+        return (b_hr + b_ar * b_sr[None, :] - b_ai * b_si[None, :],
+                b_hi + b_ar * b_si[None, :] + b_ai * b_sr[None, :])
+    return b_hr + b_m * b_sr[None, :], b_hi
 
 
 @triton.jit
@@ -152,7 +182,7 @@ def _store_pair(p, offs, b_re, b_im, mask, COMPLEX: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_hgrn_fwd_kernel_summary(x, g, theta, reset, chunk_a, chunk_h, T, D: tl.constexpr, BT: tl.constexpr,
+def chunk_hgrn_fwd_kernel_summary(x, g, theta, reset, chunk_lg, chunk_h, T, D: tl.constexpr, BT: tl.constexpr,
                                   BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     NT = tl.num_programs(0)
@@ -165,28 +195,42 @@ def chunk_hgrn_fwd_kernel_summary(x, g, theta, reset, chunk_a, chunk_h, T, D: tl
     b_xr, b_xi = _load_values(x, i_b, o_t, o_d, m_d, T, D, COMPLEX)
     b_ar, b_ai, b_hr, b_hi = _scan(b_ar, b_ai, b_xr, b_xi, COMPLEX, False)
     offs = (i_b * NT + i_t) * D + o_d
-    n = tl.minimum(T - i_t * BT, BT).to(tl.float32)
-    b_cr, b_ci = _chunk_decay(b_lg, n, b_th, COMPLEX, False)
-    _store_pair(chunk_a, offs, b_cr, b_ci, m_d, COMPLEX)
+    tl.store(chunk_lg + offs, tl.sum(b_lg, axis=0), mask=m_d)
     _store_pair(chunk_h, offs, _row(b_hr, o_row, BT - 1), _row(b_hi, o_row, BT - 1), m_d, COMPLEX)
 
 
-@triton.jit
-def chunk_hgrn_fwd_kernel_carry(chunk_a, chunk_h, h0, entering, ht, NT, D: tl.constexpr, BD: tl.constexpr,
-                                COMPLEX: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "NT"])
+def chunk_hgrn_fwd_kernel_carry(chunk_lg, chunk_h, theta, h0, entering, ht, T, NT, D: tl.constexpr,
+                                BT: tl.constexpr, BD: tl.constexpr, NTB: tl.constexpr, COMPLEX: tl.constexpr,
+                                HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """The state entering every chunk: blocks of NTB chunk summaries scanned in parallel, blocks in order."""
     i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
+    b_th, _, _ = _theta(theta, o_d, m_d, COMPLEX, BD)
+    b_thc = tl.zeros([NTB, BD], dtype=tl.float32) + b_th[None, :]
     b_sr = tl.zeros([BD], dtype=tl.float32)
     b_si = tl.zeros([BD], dtype=tl.float32)
     if HAS_INITIAL:
         b_sr, b_si = _load_pair(h0, i_b * D + o_d, m_d, COMPLEX)
-    for i_t in range(0, NT):
-        offs = (i_b * NT + i_t) * D + o_d
-        _store_pair(entering, offs, b_sr, b_si, m_d, COMPLEX)
-        b_ar, b_ai = _load_pair(chunk_a, offs, m_d, COMPLEX)
-        b_hr, b_hi = _load_pair(chunk_h, offs, m_d, COMPLEX)
-        b_sr, b_si = b_ar * b_sr - b_ai * b_si + b_hr, b_ar * b_si + b_ai * b_sr + b_hi
+    o_row = tl.arange(0, NTB)
+    for i_blk in range(0, tl.cdiv(NT, NTB)):
+        o_c = i_blk * NTB + o_row
+        m_c = o_c < NT
+        mask = m_c[:, None] & m_d[None, :]
+        offs = (i_b * NT + o_c[:, None]) * D + o_d[None, :]
+        b_l = tl.load(chunk_lg + offs, mask=mask, other=0.)
+        b_n = tl.zeros([NTB, BD], dtype=tl.float32) + tl.where(m_c, tl.minimum(T - o_c * BT, BT), 0).to(
+            tl.float32)[:, None]
+        b_hr, b_hi = _load_pair(chunk_h, offs, mask, COMPLEX)
+        b_l, b_n, b_hr, b_hi = _scan_chunks(b_l, b_n, b_thc, b_hr, b_hi, COMPLEX, False)
+        b_ar, b_ai = _apply_segment(b_l, b_n, b_thc, b_hr, b_hi, b_sr, b_si, COMPLEX)  # state after chunk
+        first = i_b * NT * D + i_blk * NTB * D + o_d
+        _store_pair(entering, first, b_sr, b_si, m_d, COMPLEX)
+        _store_pair(entering, offs + D, b_ar, b_ai, ((o_c + 1) < NT)[:, None] & m_d[None, :], COMPLEX)
+        # Rows past NT scanned identities, so the last row is the state after the block's last chunk.
+        b_sr = _row(b_ar, o_row, NTB - 1)
+        b_si = _row(b_ai, o_row, NTB - 1)
     if STORE_FINAL:
         _store_pair(ht, i_b * D + o_d, b_sr, b_si, m_d, COMPLEX)
 
@@ -220,7 +264,7 @@ def _reverse_inputs(do, g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D: tl.con
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_hgrn_bwd_kernel_summary(do, g, theta, reset, chunk_b, chunk_s, T, D: tl.constexpr, BT: tl.constexpr,
+def chunk_hgrn_bwd_kernel_summary(do, g, theta, reset, chunk_lg, chunk_s, T, D: tl.constexpr, BT: tl.constexpr,
                                   BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     NT = tl.num_programs(0)
@@ -233,33 +277,47 @@ def chunk_hgrn_bwd_kernel_summary(do, g, theta, reset, chunk_b, chunk_s, T, D: t
                                                    COMPLEX, HAS_RESET)
     b_br, b_bi, b_sr, b_si = _scan(b_br, b_bi, b_dr, b_di, COMPLEX, True)
     offs = (i_b * NT + i_t) * D + o_d
-    # conj(a_{t+1}) rotates for every t in the chunk with t + 1 < T.
-    n = tl.maximum(tl.minimum(T - 1 - i_t * BT, BT), 0).to(tl.float32)
-    b_cr, b_ci = _chunk_decay(b_lg, n, b_th, COMPLEX, True)
-    _store_pair(chunk_b, offs, b_cr, b_ci, m_d, COMPLEX)
+    tl.store(chunk_lg + offs, tl.sum(b_lg, axis=0), mask=m_d)
     _store_pair(chunk_s, offs, _row(b_sr, o_row, 0), _row(b_si, o_row, 0), m_d, COMPLEX)
 
 
-@triton.jit(do_not_specialize=["T"])
-def chunk_hgrn_bwd_kernel_carry(chunk_b, chunk_s, dht, g, theta, reset, arriving, dh0, T, NT,
-                                D: tl.constexpr, BD: tl.constexpr, COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr,
-                                HAS_FINAL_GRAD: tl.constexpr, HAS_INITIAL: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "NT"])
+def chunk_hgrn_bwd_kernel_carry(chunk_lg, chunk_s, dht, g, theta, reset, arriving, dh0, T, NT, D: tl.constexpr,
+                                BT: tl.constexpr, BD: tl.constexpr, NTB: tl.constexpr, COMPLEX: tl.constexpr,
+                                HAS_RESET: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, HAS_INITIAL: tl.constexpr):
+    """The gradient arriving at every chunk's last token from the chunks after it (reverse scan), and dh0."""
     i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
+    b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+    b_thc = tl.zeros([NTB, BD], dtype=tl.float32) - b_th[None, :]  # conj(a): rotation by -θ
     b_sr = tl.zeros([BD], dtype=tl.float32)
     b_si = tl.zeros([BD], dtype=tl.float32)
     if HAS_FINAL_GRAD:
         b_sr, b_si = _load_pair(dht, i_b * D + o_d, m_d, COMPLEX)
-    for i in range(0, NT):
-        offs = (i_b * NT + (NT - 1 - i)) * D + o_d
-        _store_pair(arriving, offs, b_sr, b_si, m_d, COMPLEX)
-        b_br, b_bi = _load_pair(chunk_b, offs, m_d, COMPLEX)
-        b_cr, b_ci = _load_pair(chunk_s, offs, m_d, COMPLEX)
-        b_sr, b_si = b_br * b_sr - b_bi * b_si + b_cr, b_br * b_si + b_bi * b_sr + b_ci
+    o_row = tl.arange(0, NTB)
+    n_blk = tl.cdiv(NT, NTB)
+    for i in range(0, n_blk):
+        i_blk = n_blk - 1 - i
+        o_c = i_blk * NTB + o_row
+        m_c = o_c < NT
+        mask = m_c[:, None] & m_d[None, :]
+        offs = (i_b * NT + o_c[:, None]) * D + o_d[None, :]
+        b_l = tl.load(chunk_lg + offs, mask=mask, other=0.)
+        # conj(a_{t+1}) rotates for every t of the chunk with t + 1 < T.
+        n_rot = tl.maximum(tl.minimum(T - 1 - o_c * BT, BT), 0)
+        b_n = tl.zeros([NTB, BD], dtype=tl.float32) + tl.where(m_c, n_rot, 0).to(tl.float32)[:, None]
+        b_hr, b_hi = _load_pair(chunk_s, offs, mask, COMPLEX)
+        b_l, b_n, b_hr, b_hi = _scan_chunks(b_l, b_n, b_thc, b_hr, b_hi, COMPLEX, True)
+        b_fr, b_fi = _apply_segment(b_l, b_n, b_thc, b_hr, b_hi, b_sr, b_si, COMPLEX)  # dh at chunk's 1st token
+        last = tl.minimum(NT - 1 - i_blk * NTB, NTB - 1)
+        _store_pair(arriving, i_b * NT * D + (i_blk * NTB + last) * D + o_d, b_sr, b_si, m_d, COMPLEX)
+        _store_pair(arriving, offs - D, b_fr, b_fi, ((o_c >= 1) & m_c)[:, None] & m_d[None, :], COMPLEX)
+        # The reverse scan put the whole block into row 0 (rows past NT are identities).
+        b_sr = _row(b_fr, o_row, 0)
+        b_si = _row(b_fi, o_row, 0)
     if HAS_INITIAL:
         # b_s is now dh_0; the initial state's gradient is conj(a_0) dh_0.
-        b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
         b_ar, b_ai, _ = _decays(g, reset, b_cos, b_sin, i_b, tl.zeros([1], dtype=tl.int64), o_d, m_d, T, D,
                                 COMPLEX, HAS_RESET, True)
         b_ar = tl.sum(b_ar, axis=0)
@@ -314,11 +372,25 @@ def chunk_hgrn_bwd_kernel_grads(x, do, g, theta, reset, entering, arriving, dx, 
 
 
 def _config(D: int, chunk_size: int | None, block_d: int | None) -> tuple[int, int]:
+    """(BT, BD). Defaults keep a [BT, BD] tile at 16 fp32 values per thread at 4 warps: the backward's
+    grads kernel holds several such tiles, and larger ones spill registers on sm_90 (checked with
+    cuobjdump -res-usage on cubins from `benchmarks/scan_gpu.py --compile-only 90`)."""
     BT = chunk_size or 64
-    BD = block_d or min(64, triton.next_power_of_2(D))
+    BD = block_d or min(32, triton.next_power_of_2(D))
     if BT & (BT - 1) or BD & (BD - 1):
         raise ValueError(f"triton scan: chunk_size ({BT}) and block_d ({BD}) must be powers of two")
     return BT, BD
+
+
+def _grads_warps(BT: int, BD: int, num_warps: int) -> int:
+    """The grads kernel keeps ~4 live [BT, BD] tiles: give it enough warps for <= 8 values per thread."""
+    return min(16, max(num_warps, BT * BD // 256))
+
+
+def _carry_config(D: int, NT: int) -> tuple[int, int]:
+    """Channel block and chunks per step of the carry kernels: a [NTB, BD] tile of 5 fp32 operands (complex)
+    stays within registers at 4 warps."""
+    return min(32, triton.next_power_of_2(D)), min(64, max(2, triton.next_power_of_2(NT)))
 
 
 class TritonScanFunction(torch.autograd.Function):
@@ -336,14 +408,15 @@ class TritonScanFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         flags = dict(COMPLEX=complex_mode, HAS_RESET=reset is not None, num_warps=num_warps)
 
-        chunk_a = x.new_empty(B, NT, D, C, dtype=torch.float32)
-        chunk_h = torch.empty_like(chunk_a)
-        chunk_hgrn_fwd_kernel_summary[(NT, ND, B)](x, g, theta, reset_u8, chunk_a, chunk_h, T, D, BT, BD, **flags)
-        entering = torch.empty_like(chunk_a)
+        chunk_lg = x.new_empty(B, NT, D, dtype=torch.float32)
+        chunk_h = x.new_empty(B, NT, D, C, dtype=torch.float32)
+        chunk_hgrn_fwd_kernel_summary[(NT, ND, B)](x, g, theta, reset_u8, chunk_lg, chunk_h, T, D, BT, BD, **flags)
+        entering = torch.empty_like(chunk_h)
         h_last = x.new_empty(B, D, C, dtype=torch.float32) if output_final_state else None
-        chunk_hgrn_fwd_kernel_carry[(ND, B)](chunk_a, chunk_h, h0, entering, h_last, NT, D, BD,
-                                             COMPLEX=complex_mode, HAS_INITIAL=h0 is not None,
-                                             STORE_FINAL=output_final_state, num_warps=num_warps)
+        BDC, NTB = _carry_config(D, NT)
+        chunk_hgrn_fwd_kernel_carry[(triton.cdiv(D, BDC), B)](
+            chunk_lg, chunk_h, theta, h0, entering, h_last, T, NT, D, BT, BDC, NTB, COMPLEX=complex_mode,
+            HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, num_warps=4)
         out = torch.empty_like(x)
         chunk_hgrn_fwd_kernel_output[(NT, ND, B)](x, g, theta, reset_u8, entering, out, T, D, BT, BD, **flags)
 
@@ -365,19 +438,22 @@ class TritonScanFunction(torch.autograd.Function):
         dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
         dlast = dlast.float().contiguous() if dlast is not None else None
 
-        chunk_b = torch.empty_like(entering)
+        chunk_lg = x.new_empty(B, NT, D, dtype=torch.float32)
         chunk_s = torch.empty_like(entering)
-        chunk_hgrn_bwd_kernel_summary[(NT, ND, B)](dout, g, theta, reset_u8, chunk_b, chunk_s, T, D, BT, BD,
+        chunk_hgrn_bwd_kernel_summary[(NT, ND, B)](dout, g, theta, reset_u8, chunk_lg, chunk_s, T, D, BT, BD,
                                                    **flags)
         arriving = torch.empty_like(entering)
         has_initial = ctx.initial_dtype is not None
-        dh0 = x.new_empty(entering.shape[0], D, entering.shape[-1], dtype=torch.float32) if has_initial else None
-        chunk_hgrn_bwd_kernel_carry[(ND, B)](chunk_b, chunk_s, dlast, g, theta, reset_u8, arriving, dh0, T, NT,
-                                             D, BD, HAS_FINAL_GRAD=dlast is not None, HAS_INITIAL=has_initial,
-                                             **flags)
+        dh0 = x.new_empty(B, D, entering.shape[-1], dtype=torch.float32) if has_initial else None
+        BDC, NTB = _carry_config(D, NT)
+        chunk_hgrn_bwd_kernel_carry[(triton.cdiv(D, BDC), B)](
+            chunk_lg, chunk_s, dlast, g, theta, reset_u8, arriving, dh0, T, NT, D, BT, BDC, NTB,
+            COMPLEX=complex_mode, HAS_RESET=reset_u8 is not None, HAS_FINAL_GRAD=dlast is not None,
+            HAS_INITIAL=has_initial, num_warps=4)
         dx = torch.empty_like(x)
         dg = torch.empty_like(g)
         dtheta_part = x.new_empty(B, NT, D, dtype=torch.float32) if complex_mode else None
+        flags["num_warps"] = _grads_warps(BT, BD, num_warps)
         chunk_hgrn_bwd_kernel_grads[(NT, ND, B)](x, dout, g, theta, reset_u8, entering, arriving, dx, dg,
                                                  dtheta_part, T, D, BT, BD, **flags)
         dtheta = dtheta_part.sum(dim=(0, 1)).to(theta.dtype) if complex_mode else None
