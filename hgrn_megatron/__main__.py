@@ -43,27 +43,13 @@ def _human(n: float) -> str:
 
 def count_on_meta(cfg: ModelConfig, vocab_size: int) -> int:
     """Build the model on the meta device (TP = 1, a one-process gloo group) and count its parameters."""
-    import os
-    import tempfile
-
-    import torch.distributed as dist
-
     from hgrn_megatron.runtime_env import configure_environment
 
     configure_environment()
-    from megatron.core import parallel_state
+    from hgrn_megatron.model import build_model, single_process_model_parallel
 
-    from hgrn_megatron.model import build_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
-        try:
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-            model = build_model(cfg, vocab_size, meta=True)
-            return sum(p.numel() for p in model.parameters())
-        finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+    with single_process_model_parallel():
+        return sum(p.numel() for p in build_model(cfg, vocab_size, meta=True).parameters())
 
 
 def cmd_info(args) -> int:

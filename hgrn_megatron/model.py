@@ -203,6 +203,25 @@ def build_model(
         return HGRNModel(config, cfg, padded_vocab_size)
 
 
+@contextlib.contextmanager
+def single_process_model_parallel():
+    """A one-process gloo group with megatron's parallel state at TP = 1, for tools and benchmarks that build a
+    model outside a launcher (`hgrn-model info --verify`, `benchmarks/model_mixer.py`). Torn down on exit."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """True for parameters trained without weight decay: norms, biases, θ and the lower-bound table.
 
