@@ -79,12 +79,21 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     return CheckpointContents(step_dir, run_state, config, merge_tp_shards(shards))
 
 
+# Replicated tensors (block norms, row-parallel biases) are updated identically on every TP rank; a tolerance
+# only absorbs last-bit differences a reduction order could introduce in a long run.
+REPLICATED_ATOL = 1e-6
+
+
 def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if len(shards) == 1:
         return shards[0]
     from hgrn_megatron.tp_rules import merge_state_dicts
 
-    return merge_state_dicts(shards)
+    try:
+        return merge_state_dicts(shards, replicated_atol=REPLICATED_ATOL)
+    except (KeyError, ValueError) as err:
+        reason = err.args[0] if err.args else err
+        raise ExportError(f"cannot merge {len(shards)} tensor-parallel shards: {reason}") from None
 
 
 def read_tp_shards(ds_dir: Path) -> list[dict[str, torch.Tensor]]:

@@ -216,3 +216,19 @@ def test_existing_output_is_not_replaced_without_overwrite(tmp_path, default_run
     (tmp_path / "out" / "keep").write_text("mine")
     code, err = run_cli(["--checkpoint", str(run_dir), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "already exists" in err and (tmp_path / "out" / "keep").read_text() == "mine"
+
+
+def test_unknown_parameters_and_mismatched_shards_are_named():
+    """The name table and the TP merge refuse what they do not understand, naming the tensor."""
+    import torch
+
+    from hgrn_megatron.export.checkpoint_reader import ExportError, merge_tp_shards
+    from hgrn_megatron.export.convert import native_state_dict
+
+    with pytest.raises(ExportError, match="decoder.layers.0.self_attention.mystery"):
+        native_state_dict({"decoder.layers.0.self_attention.mystery": torch.zeros(2)}, vocab_size=2)
+    norm = "decoder.final_layernorm.weight"
+    with pytest.raises(ExportError, match="final_layernorm"):  # a replicated tensor that differs between ranks
+        merge_tp_shards([{norm: torch.zeros(4)}, {norm: torch.ones(4)}])
+    with pytest.raises(ExportError, match="fewer than the tokenizer"):
+        native_state_dict({"embedding.word_embeddings.weight": torch.zeros(3, 2)}, vocab_size=5)

@@ -140,3 +140,31 @@ def test_save_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(again(ids).logits, expected, rtol=0, atol=0)
     assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("variant", ["complex", "real"])
+def test_framework_kernel_path_matches_the_torch_scan(monkeypatch, variant):
+    """The glue to `hgrn_megatron.kernels.hgrn_scan` (taken on CUDA) gives the torch scan's outputs: layouts,
+    complex views, initial state and resets. Here the kernel entry point runs its CPU path."""
+    from hgrn_megatron.export.hf_files import modeling_hgrn
+
+    assert modeling_hgrn._framework_scan is not None
+    model = tiny_model(variant=variant, reset_at_document_boundary=True)
+    ids = torch.randint(4, 97, (2, 20), generator=torch.Generator().manual_seed(5))
+    ids[:, 7] = EOS
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+
+    def run():
+        full = model(ids).logits
+        padded = model(ids, attention_mask=mask).logits[1, 5:]
+        first = model(ids[:, :12], use_cache=True)
+        return full, padded, model(ids[:, 12:], cache=first.cache, use_cache=True).logits
+
+    with torch.no_grad():
+        expected = run()
+        monkeypatch.setattr(modeling_hgrn.HGRNMixer, "_use_framework_kernel",
+                            lambda self, x, pad_mask, state: state is None or pad_mask is None)
+        got = run()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
