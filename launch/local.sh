@@ -8,7 +8,7 @@
 # at the next step boundary and exits 75 once they have; run the same command again to resume (the trainer
 # resumes from the newest complete checkpoint by itself). Ctrl-C does the same; a second Ctrl-C kills the run.
 #
-# Environment: NPROC (default: the number of GPUs, else 1), OMP_NUM_THREADS (default: CPU cores / NPROC),
+# Environment: NPROC (default: the GPUs in CUDA_VISIBLE_DEVICES, else all GPUs, else 1), OMP_NUM_THREADS (default: CPU cores / NPROC),
 # HGRN_VENV (default: the project's .venv, created by launch/setup_env.sh when missing), HGRN_TRAINER (the
 # command for one training process, default `python -m hgrn_megatron.pretrain`, as in pretrain.sbatch).
 set -euo pipefail
@@ -33,7 +33,9 @@ fi
 
 if [ -z "${NPROC:-}" ]; then
   NPROC=1
-  if command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); then
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    NPROC=$(awk -F, '{ print NF }' <<<"$CUDA_VISIBLE_DEVICES")
+  elif command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); then
     [ "$GPUS" -gt 0 ] && NPROC=$GPUS
   fi
 fi

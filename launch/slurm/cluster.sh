@@ -66,11 +66,13 @@ free_port() {
 }
 
 # Process state letter (R, S, Z, ...) or empty when the pid does not exist. Zombies count as gone: an exited
-# daemon that was re-parented to a PID 1 which does not reap stays in the table as Z.
+# daemon that was re-parented to a PID 1 which does not reap stays in the table as Z. (Bash builtins only:
+# teardown checks many processes and forks are slow on a loaded machine.)
 proc_state() {
-  [ -r "/proc/$1/stat" ] || return 0
-  # Field 3 of /proc/PID/stat, after the parenthesised command name (which may contain spaces).
-  sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$1/stat" 2>/dev/null || true
+  local stat
+  { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 0
+  stat=${stat##*) }   # after the parenthesised command name, which may contain spaces
+  echo "${stat%% *}"
 }
 
 proc_alive() {
@@ -79,35 +81,43 @@ proc_alive() {
   [ -n "$s" ] && [ "$s" != Z ] && [ "$s" != X ]
 }
 
-# Live processes of this cluster: those started with HGRN_SLURM_CLUSTER=DIR in their environment (the two
-# daemons, and every slurmscriptd/slurmstepd they fork, which inherit it) plus all their descendants (job
-# processes). Clients never carry the marker, so the caller (a test runner, a shell) is never included.
+# Live processes of this cluster: the two daemons (started with HGRN_SLURM_CLUSTER=DIR in their environment),
+# the slurmstepd daemons of its jobs (they start with an empty environment, but work in DIR/log), and all
+# their descendants (job processes). Neither test matches a client, so the caller is never included.
 cluster_pids() {
-  local dir=$1
-  local -A parent=()
-  local -a roots=() found=()
-  local p stat ppid
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    stat=$( { cat "/proc/$p/stat"; } 2>/dev/null) || continue
-    ppid=$(sed -E 's/^[0-9]+ \(.*\) [A-Za-z] ([0-9]+) .*/\1/' <<<"$stat")
-    parent[$p]=$ppid
-    if { tr '\0' '\n' <"/proc/$p/environ"; } 2>/dev/null | grep -qxF "HGRN_SLURM_CLUSTER=$dir"; then
-      roots+=("$p")
-    fi
+  local dir=$1 file pid ppid rest comm changed
+  local -A parent=() keep=()
+  # One grep over every environment (NUL-separated records, whole-record match) finds the marked processes.
+  while IFS= read -r -d '' file; do
+    file=${file#/proc/}
+    keep[${file%%/*}]=1
+  done < <(grep -lsxzF --null "HGRN_SLURM_CLUSTER=$dir" /proc/[0-9]*/environ 2>/dev/null)
+  # One find over every working directory finds the slurm* processes working inside DIR.
+  while IFS= read -r -d '' file; do
+    pid=${file#/proc/}
+    pid=${pid%%/*}
+    { read -r comm <"/proc/$pid/comm"; } 2>/dev/null || continue
+    [[ $comm == slurm* ]] && keep[$pid]=1
+  done < <(find /proc/[0-9]*/cwd -maxdepth 0 \( -lname "$dir" -o -lname "$dir/*" \) -print0 2>/dev/null)
+  for file in /proc/[0-9]*/stat; do
+    { read -r rest <"$file"; } 2>/dev/null || continue
+    pid=${rest%% *}
+    rest=${rest##*) }
+    rest=${rest#* }
+    ppid=${rest%% *}
+    parent[$pid]=$ppid
   done
-  local -A keep=()
-  for p in "${roots[@]}"; do keep[$p]=1; done
   # Close over descendants: repeat until no new child of a kept process appears.
-  local changed=1
+  changed=1
   while [ "$changed" = 1 ]; do
     changed=0
-    for p in "${!parent[@]}"; do
-      if [ -z "${keep[$p]:-}" ] && [ -n "${keep[${parent[$p]}]:-}" ]; then keep[$p]=1; changed=1; fi
+    for pid in "${!parent[@]}"; do
+      if [ -z "${keep[$pid]:-}" ] && [ -n "${keep[${parent[$pid]}]:-}" ]; then keep[$pid]=1; changed=1; fi
     done
   done
-  for p in "${!keep[@]}"; do proc_alive "$p" && found+=("$p"); done
-  [ ${#found[@]} -eq 0 ] || printf '%s\n' "${found[@]}" | sort -n
+  for pid in "${!keep[@]}"; do
+    [ "$pid" != "$$" ] && proc_alive "$pid" && echo "$pid"
+  done | sort -n
   return 0
 }
 

@@ -85,26 +85,47 @@ def _proc_state(pid: int) -> str | None:
 
 
 def live_cluster_processes(directory: Path) -> list[str]:
-    """Live processes that belong to the cluster in `directory`: its daemons by pid file, and anything whose
-    environment carries the cluster marker set at start-up (slurmscriptd, slurmstepd). Descriptions for errors."""
-    found = []
+    """Live processes of the cluster in `directory`, described for error messages: its daemons (by pid file and
+    by the marker variable cluster.sh starts them with), the slurmstepd daemons of its jobs (slurm* processes
+    working inside the directory) and every descendant of those (the jobs' own processes)."""
+    marker = f"HGRN_SLURM_CLUSTER={directory}".encode()
+    parent: dict[int, int] = {}
+    roots: set[int] = set()
     for name in ("slurmctld", "slurmd"):
         pidfile = directory / "run" / f"{name}.pid"
         if pidfile.exists() and pidfile.read_text().strip():
-            pid = int(pidfile.read_text().strip())
-            if _proc_state(pid) not in (None, "Z", "X"):
-                found.append(f"{name} pid {pid} (state {_proc_state(pid)})")
-    marker = f"HGRN_SLURM_CLUSTER={directory}".encode()
+            roots.add(int(pidfile.read_text().strip()))
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
-            environ = (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            stat = (entry / "stat").read_text()
+            parent[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                roots.add(pid)
+            comm = (entry / "comm").read_text().strip()
+            cwd = Path(os.readlink(entry / "cwd"))
+            if comm.startswith("slurm") and (cwd == directory or directory in cwd.parents):
+                roots.add(pid)
+        except (OSError, ValueError):
+            continue
+    members = set(roots)
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parent.items() if ppid in members and pid not in members}
+        members |= children
+        grew = bool(children)
+    found = []
+    for pid in sorted(members):
+        state = _proc_state(pid)
+        if state in (None, "Z", "X"):
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if marker in environ.split(b"\0") and _proc_state(int(entry.name)) not in (None, "Z", "X"):
-            found.append(f"pid {entry.name}: {cmdline}")
+        found.append(f"pid {pid} ({state}): {cmdline}")
     return found
 
 

@@ -65,7 +65,7 @@ def test_tiny_model_on_two_tasks_completes(slurm_cluster, tmp_path):
 
 
 def test_preempted_run_checkpoints_requeues_resumes_and_completes(slurm_cluster, tmp_path):
-    steps = 100  # ~0.05 s each here: the signal lands well before the end
+    steps = 60  # 0.05-0.15 s each here: the signal lands well before the end
     config, run_dir = _write_config(tmp_path, steps)
     log = tmp_path / "job.out"
     job_id = slurm_cluster.submit(str(config), options=(f"--output={log}",))
