@@ -63,7 +63,8 @@ def cmd_info(args) -> int:
           f"tied={cfg.share_embeddings_and_output_weights}")
     print(f"parameters        {params:,}  ({_human(params)}; non-embedding {_human(params - embedding)})")
     total = flops_per_token(cfg, vocab, seq)
-    print(f"train FLOPs/token {total:.4e}  (forward + backward; matmuls alone {matmul_flops_per_token(cfg, vocab, seq):.4e})")
+    matmuls = matmul_flops_per_token(cfg, vocab, seq)
+    print(f"train FLOPs/token {total:.4e}  (forward + backward; matmuls alone {matmuls:.4e})")
     print(f"6 x parameters    {6 * params:.4e}  (the usual estimate, for comparison)")
     for part, value in forward_flops_per_token(cfg, vocab, seq).items():
         print(f"  forward {part:<17s} {value:.4e}")
@@ -80,8 +81,9 @@ def cmd_presets(args) -> int:
           f"(vocab {args.vocab_size})")
     for name in PRESETS:
         cfg = ModelConfig.build({"preset": name})
+        params = _human(count_parameters(cfg, args.vocab_size))
         print(f"{name:<11s} {cfg.hidden_size:>5d} {cfg.num_layers:>3d} {cfg.ffn_hidden_size:>5d} "
-              f"{str(cfg.share_embeddings_and_output_weights):>5s} {_human(count_parameters(cfg, args.vocab_size)):>12s} "
+              f"{str(cfg.share_embeddings_and_output_weights):>5s} {params:>12s} "
               f"{flops_per_token(cfg, args.vocab_size):>12.4e}")
     return 0
 

@@ -13,7 +13,6 @@ import dataclasses
 import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

@@ -51,7 +51,8 @@ def test_split_then_merge_is_identity_for_every_rule():
     shards = [split_state_dict(full, 2, r) for r in range(2)]
     assert shards[0]["lower_bounds.table"].shape == (3, 2)  # split along channels, not layers
     assert shards[1]["decoder.layers.0.self_attention.linear_out.weight"].shape == (4, 4)
-    assert torch.equal(shards[0]["decoder.layers.0.input_layernorm.weight"], full["decoder.layers.0.input_layernorm.weight"])
+    norm = "decoder.layers.0.input_layernorm.weight"
+    assert torch.equal(shards[0][norm], full[norm])
     merged = merge_state_dicts(shards)
     assert merged.keys() == full.keys()
     assert all(v is None if full[k] is None else torch.equal(v, full[k]) for k, v in merged.items())
