@@ -16,6 +16,8 @@
 #   - RealMemory <= 90% of MemTotal: declaring more than the node has marks it invalid.
 # The daemons run as the invoking user (root in CI); jobs run as that user.
 set -euo pipefail
+# The daemons live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 usage() {
   sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -34,11 +36,13 @@ install_slurm() {
   [ "$(id -u)" = 0 ] || die "installing Slurm needs root (apt-get install slurmctld slurmd slurm-client)"
   command -v apt-get >/dev/null || die "installing Slurm needs apt-get (Debian/Ubuntu); install slurmctld, slurmd, slurm-client by hand"
   log "installing slurmctld slurmd slurm-client with apt-get"
-  # Serialise concurrent installs (two test sessions starting at once) on dpkg's own lock.
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client >/dev/null
+  # Two test runs starting at once queue on dpkg's lock instead of failing.
+  local apt=(apt-get -o DPkg::Lock::Timeout=300 -y -qq)
+  if ! "${apt[@]}" install --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; then
+    # A fresh machine may have no package lists yet.
+    "${apt[@]}" update >/dev/null || die "apt-get update failed"
+    "${apt[@]}" install --no-install-recommends slurmctld slurmd slurm-client >/dev/null || die "apt-get install failed"
   fi
   command -v slurmctld >/dev/null || die "apt-get finished but slurmctld is not on PATH"
   log "installed $(slurmctld -V)"
