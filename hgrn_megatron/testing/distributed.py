@@ -75,7 +75,9 @@ def run_distributed(
     """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the per-rank results in rank order."""
     ctx = mp.get_context("fork")
     port = free_port()
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    # One intra-op thread per rank by default: a child forked from a parent whose OpenMP pool is already running
+    # can deadlock in its first multi-threaded kernel.
+    threads = threads_per_rank or 1
     procs, conns = [], []
     for rank in range(world_size):
         parent_conn, child_conn = ctx.Pipe(duplex=False)
