@@ -13,18 +13,6 @@ from hgrn_megatron.config import ModelConfig
 VOCAB = 256  # padded vocabulary of the test models (divisible by 2 for TP = 2)
 
 
-def run_ranks(fn, world_size: int, args=(), timeout: float = 120):
-    """`run_distributed` with one intra-op thread per rank.
-
-    torch's CPU thread pool is GNU OpenMP, which is not fork-safe: once the pytest process has run any
-    multi-threaded op (other test modules do), a forked rank that uses more than one thread hangs in its
-    first parallel region. One thread per rank never enters the pool.
-    """
-    from hgrn_megatron.testing.distributed import run_distributed
-
-    return run_distributed(fn, world_size=world_size, args=args, timeout=timeout, threads_per_rank=1)
-
-
 def tiny_config(**overrides) -> ModelConfig:
     """The `tiny` preset with overrides (each test states what it changes)."""
     return ModelConfig.build({"preset": "tiny", **overrides})

@@ -7,7 +7,8 @@ import multiprocessing
 import pytest
 import torch
 
-from model_harness import batch, build, init_model_parallel, max_rel_diff, run_ranks, tiny_config
+from hgrn_megatron.testing.distributed import run_distributed
+from model_harness import batch, build, init_model_parallel, max_rel_diff, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -42,13 +43,13 @@ def test_sharded_checkpoint_tp2_to_tp1_and_back(tmp_path):
     first, second = tmp_path / "saved_at_tp2", tmp_path / "saved_at_tp1"
     first.mkdir(), second.mkdir()
 
-    tp2 = run_ranks(_stage, world_size=2, args=(cfg, 0, None, str(first)), timeout=120)
+    tp2 = run_distributed(_stage, world_size=2, args=(cfg, 0, None, str(first)), timeout=120)
     original = torch.cat(tp2, dim=-1)
     # Different seeds: equality below can only come from the checkpoint.
-    tp1 = run_ranks(_stage, world_size=1, args=(cfg, 1, str(first), str(second)), timeout=120)[0]
+    tp1 = run_distributed(_stage, world_size=1, args=(cfg, 1, str(first), str(second)), timeout=120)[0]
     assert max_rel_diff(tp1, original) < 2e-5
-    fresh = run_ranks(_stage, world_size=1, args=(cfg, 1, None, None), timeout=120)[0]
+    fresh = run_distributed(_stage, world_size=1, args=(cfg, 1, None, None), timeout=120)[0]
     assert max_rel_diff(fresh, original) > 1e-2  # the seed alone would not have matched
 
-    back = run_ranks(_stage, world_size=2, args=(cfg, 2, str(second), None), timeout=120)
+    back = run_distributed(_stage, world_size=2, args=(cfg, 2, str(second), None), timeout=120)
     assert max_rel_diff(torch.cat(back, dim=-1), original) < 2e-5

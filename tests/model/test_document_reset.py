@@ -3,7 +3,8 @@ outputs they would produce as a fresh sequence (for the HGRU and for the attenti
 import pytest
 import torch
 
-from model_harness import VOCAB, init_model_parallel, max_rel_diff, run_ranks, tiny_config
+from hgrn_megatron.testing.distributed import run_distributed
+from model_harness import VOCAB, init_model_parallel, max_rel_diff, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -44,7 +45,7 @@ def test_tokens_after_a_document_start_see_a_fresh_sequence():
     names = list(CASES)
     cfgs = [tiny_config(reset_at_document_boundary=True, **CASES[n]) for n in names]
     cfgs.append(tiny_config(reset_at_document_boundary=False, **CASES["hgrn-complex"]))
-    results = run_ranks(_packed_vs_fresh, world_size=1, args=(cfgs,), timeout=120)[0]
+    results = run_distributed(_packed_vs_fresh, world_size=1, args=(cfgs,), timeout=120)[0]
     for name, r in zip(names, results):
         assert max_rel_diff(r["packed"], r["fresh"]) < 1e-5, name
         # Without the mask the previous document leaks in: the equality above is not automatic.

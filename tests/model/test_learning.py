@@ -5,7 +5,8 @@ A smoke test of the whole forward/backward path (gates, scan, norms, lower bound
 import pytest
 import torch
 
-from model_harness import batch, build, init_model_parallel, run_ranks, tiny_config
+from hgrn_megatron.testing.distributed import run_distributed
+from model_harness import batch, build, init_model_parallel, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -32,7 +33,7 @@ def _train_on_one_batch(cfg):
 
 def test_tiny_model_fits_a_fixed_batch():
     cfg = tiny_config(reset_at_document_boundary=True)
-    losses, moved = run_ranks(_train_on_one_batch, world_size=1, args=(cfg,), timeout=180)[0]
+    losses, moved = run_distributed(_train_on_one_batch, world_size=1, args=(cfg,), timeout=180)[0]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f} in {STEPS} steps"
     # The HGRN-specific parameters are trained too.

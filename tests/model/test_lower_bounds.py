@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hgrn_megatron.hgru import forget_gate
-from model_harness import batch, build, init_model_parallel, run_ranks, tiny_config
+from hgrn_megatron.testing.distributed import run_distributed
+from model_harness import batch, build, init_model_parallel, tiny_config
 
 
 def _bounds_facts(cfg):
@@ -26,7 +27,7 @@ def _bounds_facts(cfg):
 
 @pytest.mark.distributed
 def test_lower_bounds_are_zero_at_layer_0_monotone_in_depth_and_below_one():
-    facts = run_ranks(_bounds_facts, world_size=1, args=(tiny_config(num_layers=5),), timeout=120)[0]
+    facts = run_distributed(_bounds_facts, world_size=1, args=(tiny_config(num_layers=5),), timeout=120)[0]
     assert facts["has_table"] and "lower_bounds.table" in facts["state_keys"]
     L = 5
     # A uniform softmax at initialisation: γ_k = k / L.
@@ -45,7 +46,7 @@ def test_lower_bounds_are_zero_at_layer_0_monotone_in_depth_and_below_one():
 
 @pytest.mark.distributed
 def test_without_lower_bounds_the_table_is_absent():
-    facts = run_ranks(_bounds_facts, world_size=1, args=(tiny_config(use_lower_bound=False),), timeout=120)[0]
+    facts = run_distributed(_bounds_facts, world_size=1, args=(tiny_config(use_lower_bound=False),), timeout=120)[0]
     assert not facts["has_table"]
     assert not any("lower_bounds" in k for k in facts["state_keys"])
     assert facts["layer_bounds"] == [None, None]

@@ -7,7 +7,8 @@ from hgrn_megatron.__main__ import main as hgrn_model_main
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.flops import count_parameters, flops_per_token, forward_flops_per_token, matmul_flops_per_token
 from hgrn_megatron.presets import PRESETS, REFERENCE_VOCAB_SIZE
-from model_harness import VOCAB, batch, build, init_model_parallel, run_ranks, tiny_config
+from hgrn_megatron.testing.distributed import run_distributed
+from model_harness import VOCAB, batch, build, init_model_parallel, tiny_config
 
 # Presets as they are, plus the switches that change the parameter set.
 ABLATIONS = {
@@ -29,7 +30,7 @@ def _count_on_meta(cfgs):
 def test_parameter_count_analytic_equals_built_for_every_preset():
     cfgs = [ModelConfig.build({"preset": name}) for name in PRESETS]
     cfgs += [ModelConfig.build({"preset": "hgrn-125m", **overrides}) for overrides in ABLATIONS.values()]
-    counted = run_ranks(_count_on_meta, world_size=1, args=(cfgs,), timeout=180)[0]
+    counted = run_distributed(_count_on_meta, world_size=1, args=(cfgs,), timeout=180)[0]
     for cfg, n in zip(cfgs, counted):
         assert count_parameters(cfg, REFERENCE_VOCAB_SIZE) == n, cfg
     # The sizes the presets are named after (documented in presets.py).
@@ -57,7 +58,7 @@ def _measured_matmul_flops(cfg, b, s):
 def test_matmul_flops_match_torch_flop_counter(overrides):
     cfg = tiny_config(reset_at_document_boundary=True, **overrides)
     b, s = 2, 16
-    measured = run_ranks(_measured_matmul_flops, world_size=1, args=(cfg, b, s), timeout=120)[0]
+    measured = run_distributed(_measured_matmul_flops, world_size=1, args=(cfg, b, s), timeout=120)[0]
     analytic = matmul_flops_per_token(cfg, VOCAB, s) * b * s
     if cfg.mixer == "attention":  # counted separately: torch's CPU attention kernel is not a mm
         analytic -= 3 * forward_flops_per_token(cfg, VOCAB, s)["attention_scores"] * b * s

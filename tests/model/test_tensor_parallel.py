@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hgrn_megatron.tp_rules import merge_state_dicts, split_state_dict
+from hgrn_megatron.testing.distributed import run_distributed
 from model_harness import (
     VOCAB,
     batch,
@@ -14,7 +15,6 @@ from model_harness import (
     grads_of,
     init_model_parallel,
     max_rel_diff,
-    run_ranks,
     tensors_of,
     tiny_config,
 )
@@ -58,8 +58,8 @@ def _forward_backward(cfg, full_state, identity_norm_backward=False):
 
 
 def _run_tp1_and_tp2(cfg, identity_norm_backward=False):
-    tp1 = run_ranks(_forward_backward, world_size=1, args=(cfg, None), timeout=120)[0]
-    tp2 = run_ranks(_forward_backward, world_size=2, args=(cfg, tp1["state"], identity_norm_backward),
+    tp1 = run_distributed(_forward_backward, world_size=1, args=(cfg, None), timeout=120)[0]
+    tp2 = run_distributed(_forward_backward, world_size=2, args=(cfg, tp1["state"], identity_norm_backward),
                           timeout=120)
     return tp1, tp2
 
