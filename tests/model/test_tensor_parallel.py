@@ -6,8 +6,8 @@ against the layout megatron and the HGRU actually use.
 import pytest
 import torch
 
-from hgrn_megatron.tp_rules import merge_state_dicts, split_state_dict
 from hgrn_megatron.testing.distributed import run_distributed
+from hgrn_megatron.tp_rules import merge_state_dicts, split_state_dict
 from model_harness import (
     VOCAB,
     batch,
