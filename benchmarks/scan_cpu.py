@@ -5,7 +5,9 @@
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/scan_cpu.py  # with PyTorch's huge-page CPU allocations
 
 Runs alternate (reference, torch, reference, torch, ...) so that load from other processes hits both alike;
-the figure reported is the ratio of medians. Goal (issue 3): torch path >= 20x the reference, fwd+bwd.
+the figure reported is the ratio of medians, of wall-clock time and of this process's CPU time (user + system,
+which includes page faults; with --threads 1 it is the stable figure on a shared machine).
+Goal (issue 3): torch path >= 20x the reference, fwd+bwd.
 """
 from __future__ import annotations
 
@@ -32,17 +34,17 @@ def make_inputs(B: int, T: int, D: int, complex_mode: bool, seed: int = 0):
     return x, g, theta, grad
 
 
-def time_fwd_bwd(fn, x, g, theta, grad) -> tuple[float, float]:
-    """Seconds for the forward and for the backward of `fn(x, g, theta) -> h`."""
+def time_fwd_bwd(fn, x, g, theta, grad) -> tuple[float, float, float]:
+    """Seconds (forward wall, forward+backward wall, forward+backward CPU) of `fn(x, g, theta) -> h`."""
     for t in (x, g, theta):
         if t is not None:
             t.grad = None
-    start = time.perf_counter()
+    cpu_start, start = time.process_time(), time.perf_counter()
     h = fn(x, g, theta)
     mid = time.perf_counter()
     h.backward(grad)
-    end = time.perf_counter()
-    return mid - start, end - mid
+    end, cpu_end = time.perf_counter(), time.process_time()
+    return mid - start, end - start, cpu_end - cpu_start
 
 
 def bench_variant(B, T, D, complex_mode, repeats, chunk_sizes) -> dict:
@@ -62,12 +64,13 @@ def bench_variant(B, T, D, complex_mode, repeats, chunk_sizes) -> dict:
             samples[name].append(time_fwd_bwd(fn, x, g, theta, grad))
     result = {}
     for name, runs in samples.items():
-        fwd = statistics.median(r[0] for r in runs)
-        total = statistics.median(r[0] + r[1] for r in runs)
-        result[name] = {"fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * total}
-    ref = result["reference"]["fwd_bwd_ms"]
-    for name, r in result.items():
-        r["speedup_fwd_bwd"] = ref / r["fwd_bwd_ms"]
+        result[name] = {"fwd_ms": 1e3 * statistics.median(r[0] for r in runs),
+                        "fwd_bwd_ms": 1e3 * statistics.median(r[1] for r in runs),
+                        "fwd_bwd_cpu_ms": 1e3 * statistics.median(r[2] for r in runs)}
+    ref = result["reference"]
+    for r in result.values():
+        r["speedup_fwd_bwd"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        r["speedup_fwd_bwd_cpu"] = ref["fwd_bwd_cpu_ms"] / r["fwd_bwd_cpu_ms"]
     return result
 
 
@@ -91,14 +94,14 @@ def main(argv=None) -> int:
             "shape": f"B={args.batch} T={args.seq} D={args.dim} fp32", "repeats": args.repeats}
     print(json.dumps(info), flush=True)
     results = {}
-    print("| variant | implementation | fwd ms | fwd+bwd ms | speed-up (fwd+bwd) |")
-    print("|---|---|---|---|---|")
+    print("| variant | implementation | fwd ms | fwd+bwd ms | speed-up | fwd+bwd CPU ms | speed-up (CPU time) |")
+    print("|---|---|---|---|---|---|---|")
     for variant in args.variants:
         results[variant] = bench_variant(args.batch, args.seq, args.dim, variant == "complex", args.repeats,
                                          chunk_sizes)
         for name, r in results[variant].items():
-            print(f"| {variant} | {name} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-                  f"{r['speedup_fwd_bwd']:.1f}x |", flush=True)
+            print(f"| {variant} | {name} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['speedup_fwd_bwd']:.1f}x | "
+                  f"{r['fwd_bwd_cpu_ms']:.1f} | {r['speedup_fwd_bwd_cpu']:.1f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=1)

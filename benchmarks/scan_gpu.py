@@ -22,7 +22,26 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(16, 8192, 128), (8, 4096, 2048)]
+
+
+def _make_kernels_importable() -> None:
+    """Let the script run from a plain checkout (only torch, triton and optionally fla installed): map the
+    `kernels/` folder to `hgrn_megatron.kernels` the way setup.py does, if the project is not installed."""
+    try:
+        import hgrn_megatron.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.util
+
+    sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("hgrn_megatron.kernels", REPO / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hgrn_megatron.kernels"] = module
+    spec.loader.exec_module(module)
 SWEEP = [dict(chunk_size=c, block_d=d, num_warps=w) for c in (32, 64, 128) for d in (16, 32, 64) for w in (4, 8)]
 
 
@@ -34,6 +53,7 @@ def main(argv=None) -> int:
                         help="with --compile-only: 'core' = complex, bf16, with resets (a quick check)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    _make_kernels_importable()  # imports torch, not triton (the Triton module is imported lazily)
     if args.compile_only is not None:
         return compile_only(args.compile_only, args.variants)
 

@@ -43,8 +43,11 @@ def _fill_decays(buffer: torch.Tensor, g: torch.Tensor, theta: torch.Tensor | No
     else:
         pair = torch.view_as_real(buffer)
         real, imag = pair[..., 0], pair[..., 1]
-        real.copy_(g)
-        real.exp_()
+        if g.dtype == real.dtype:
+            torch.exp(g, out=real)
+        else:
+            real.copy_(g)
+            real.exp_()
         phase = theta.to(real.dtype)
         torch.mul(real, -torch.sin(phase) if conjugate else torch.sin(phase), out=imag)
         real.mul_(torch.cos(phase))
@@ -218,7 +221,9 @@ class TorchScanFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 # Sum over (B, T) as a contiguous reduction of the interleaved pairs (a strided .imag is slow).
                 dtheta = -torch.view_as_real(w).reshape(B * T, D, 2).sum(dim=0)[:, 1].to(theta.dtype)
-            dg = w.real.to(g.dtype, copy=True) if ctx.needs_input_grad[1] else None
+            # A strided view of w, not a copy: a fresh [B, T, D] buffer costs more in page faults than the
+            # consumer pays for the stride (leaf tensors get a contiguous .grad from autograd anyway).
+            dg = w.real.to(g.dtype) if ctx.needs_input_grad[1] else None
             dx = torch.view_as_real(dh)
         else:
             dg = w.to(g.dtype) if ctx.needs_input_grad[1] else None
