@@ -20,19 +20,29 @@ def cuda_available() -> bool:
 # Import-time notices from megatron-core/DeepSpeed about optional libraries we deliberately run without
 # (Apex, Transformer Engine) and deprecations inside those packages. This is the one filter list: the trainer,
 # the tools and the test suite all call `configure_environment`.
-_QUIET_WARNINGS = [
+QUIET_WARNINGS = [
     dict(message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*", category=UserWarning),
     dict(message=r".*full scope is deprecated.*", category=UserWarning),
-    dict(category=DeprecationWarning, module=r"(megatron|deepspeed)\..*"),
+    dict(message=r".*custom_layers.transformer_engine.*", category=DeprecationWarning),
+    dict(category=DeprecationWarning, module=r"(megatron|deepspeed|torch\.jit)\..*"),
     dict(category=FutureWarning, module=r"(megatron|deepspeed)\..*"),
 ]
+
+
+def pytest_filter_lines() -> list[str]:
+    """The same filters in pytest's `filterwarnings` syntax (pytest re-enables deprecation warnings per test)."""
+    lines = []
+    for spec in QUIET_WARNINGS:
+        category = spec["category"].__name__
+        lines.append(f"ignore:{spec.get('message', '')}:{category}:{spec.get('module', '')}")
+    return lines
 
 
 def configure_environment() -> None:
     """Environment variables that must be set before deepspeed/megatron are imported, and warning filters."""
     import warnings
 
-    for spec in _QUIET_WARNINGS:
+    for spec in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", **spec)
     if not cuda_available():
         # DeepSpeed picks its accelerator at import time; without this it probes for CUDA and warns.

@@ -18,6 +18,13 @@ ASSETS = REPO / "tests" / "assets"
 SHARED_PILE = REPO.parent / "shared" / "data" / "pile-sample"
 
 
+def pytest_configure(config):
+    from hgrn_megatron.runtime_env import pytest_filter_lines
+
+    for line in pytest_filter_lines():
+        config.addinivalue_line("filterwarnings", line)
+
+
 @pytest.fixture(scope="session")
 def assets_dir() -> pathlib.Path:
     return ASSETS
