@@ -132,3 +132,22 @@ def test_nonfinite_steps_in_a_row_abort_without_checkpoint(run_tree):
 
     names = sorted(p.name for p in (pathlib.Path(tree["run_dir"]) / "checkpoints").glob("step-*"))
     assert names == ["step-00000001"]  # nothing saved after the poisoned steps
+
+
+def test_wall_clock_budget_saves_and_exits_for_requeue(run_tree):
+    from hgrn_megatron.pretrain import EXIT_REQUEUE
+
+    tree = run_tree(train={"exit_after_minutes": 1e-6})
+    assert run(tree, 2) == (EXIT_REQUEUE, 1)  # both ranks agree after the first step
+    import pathlib
+
+    root = pathlib.Path(tree["run_dir"]) / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-00000001"
+    assert json.loads((root / "step-00000001" / "run_state.json").read_text())["consumed_samples"] == 4
+
+
+def test_bf16_zero2_trains_on_two_ranks(run_tree):
+    tree = run_tree(train={"precision": "bf16"}, parallel={"zero_stage": 2})
+    assert run(tree, 2) == (0, 6)
+    losses = read_losses(tree["run_dir"])
+    assert all(v == v for v in losses.values()) and losses[6] < losses[1]
