@@ -60,7 +60,8 @@ setup(
         "tqdm>=4.60",
         "numpy",
     ],
-    extras_require={"dev": ["pytest>=8", "matplotlib>=3.7"]},
+    # flash-linear-attention: only for the `--format fla` parity test (its HGRNForCausalLM on CPU).
+    extras_require={"dev": ["pytest>=8", "matplotlib>=3.7", "flash-linear-attention>=0.6"]},
     entry_points={
         "console_scripts": [
             "hgrn-pretrain=hgrn_megatron.pretrain.__main__:main",
