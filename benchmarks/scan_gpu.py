@@ -235,7 +235,7 @@ def compile_only(sm: int, variants: str = "all") -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hgrn_megatron.kernels import triton_scan as ts
+    from hgrn_megatron.kernels import triton_kernels as ts
 
     target = GPUTarget("cuda", sm, 32)
     count, started = 0, time.perf_counter()

@@ -2,8 +2,8 @@
 
 Algorithm (chunked two-level scan, the CPU analogue of the Triton kernels): the sequence is cut into chunks
 of L tokens. (1) For every chunk at once, a local scan with zero initial state gives the chunk's end state,
-and a product gives the chunk's total decay; (2) a short sequential loop over chunks turns those into the
-state entering each chunk; (3) a second local scan, again over all chunks at once, starts from that state and
+and exp(Σ g) its total decay; (2) a short sequential loop over chunks turns those into the state entering
+each chunk; (3) a second local scan, again over all chunks at once, starts from that state and
 writes h. Each local step is one fused `addcmul` over a `[B, n_chunks, D]` slice, so a sequence of T tokens
 costs about 2L + T/L tensor operations instead of T. Decays are only ever multiplied, never divided, and every
 factor is exp(g) <= 1, so nothing can overflow however long the sequence (the "scan" formulation of
@@ -26,8 +26,8 @@ import torch
 
 
 def default_chunk_size(T: int) -> int:
-    """About sqrt(T): balances the 2L in-chunk steps against the T/L carry steps (measured in
-    benchmarks/scan_cpu.py; the optimum is flat between 32 and 128 at T=4096)."""
+    """About sqrt(T), within [16, 128]: balances the 2L in-chunk steps against the T/L carry steps. At
+    B=4, T=4096, D=512 (benchmarks/scan_cpu.py --chunk-sizes) L=64 used the least CPU time, real and complex."""
     return int(min(128, max(16, 2 ** round(math.log2(max(T, 1)) / 2))))
 
 
@@ -123,8 +123,9 @@ def scan_backward(decays: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor 
                   chunk_size: int, chunk_decay: torch.Tensor | None) -> None:
     """Reverse scan dh_t = dout_t + decays_{t+1} * dh_{t+1}, with dh_{T-1} = dout_{T-1} + dlast, into `out`.
 
-    `decays` and `chunk_decay` already hold conj(a) for complex inputs. Chunks are aligned as in `scan_forward`, so the
-    remainder is processed first. `out` must not alias `decays` (they are read shifted by one token).
+    `decays` and `chunk_decay` already hold conj(a) for complex inputs. Chunks are aligned as in
+    `scan_forward`, so the remainder is processed first. `out` must not alias `decays` (they are read
+    shifted by one token).
     """
     B, T, D = dout.shape
     L = chunk_size
