@@ -3,11 +3,16 @@
     python benchmarks/scan_cpu.py                         # B=4, T=4096, D=512, fp32, real and complex
     python benchmarks/scan_cpu.py --chunk-sizes 32 64 128 # also compare chunk sizes of the torch path
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/scan_cpu.py  # with PyTorch's huge-page CPU allocations
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/scan_cpu.py # OpenMP threads sleep, not spin, at barriers
 
 Runs alternate (reference, torch, reference, torch, ...) so that load from other processes hits both alike;
 the figure reported is the ratio of medians, of wall-clock time and of this process's CPU time (user + system,
 which includes page faults; with --threads 1 it is the stable figure on a shared machine).
 Goal (issue 3): torch path >= 20x the reference, fwd+bwd.
+
+On a shared machine, OpenMP's default spin-waiting makes every parallel op wait for a descheduled sibling
+thread; the torch path issues a few hundred such ops per call, so it can slow down tenfold. Compare
+--threads 1 or OMP_WAIT_POLICY=PASSIVE (both must be chosen before torch starts; the variable is recorded).
 """
 from __future__ import annotations
 
@@ -91,6 +96,8 @@ def main(argv=None) -> int:
     info = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "load_average_1min": os.getloadavg()[0],
             "shape": f"B={args.batch} T={args.seq} D={args.dim} fp32", "repeats": args.repeats}
     print(json.dumps(info), flush=True)
     results = {}
