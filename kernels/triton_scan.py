@@ -51,6 +51,7 @@ class TritonScanFunction(torch.autograd.Function):
         NT, ND = triton.cdiv(T, BT), triton.cdiv(D, BD)
         C = 2 if complex_mode else 1
         x, g = x.contiguous(), g.contiguous()
+        theta = theta.contiguous() if theta is not None else None
         reset_u8 = reset.contiguous().view(torch.uint8) if reset is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         flags = dict(COMPLEX=complex_mode, HAS_RESET=reset is not None, num_warps=num_warps)

@@ -68,6 +68,8 @@ def test_backend_names_and_resolution(monkeypatch):
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'torch', 'triton'\)"):
         hgrn_scan(x, g, backend="cuda")
     assert _resolve_backend("auto", x) == "torch"  # CPU tensors
+    # Import triton while the interpreter is still selected: triton reads the variable when first imported.
+    pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(got device cpu\)"):
         _resolve_backend("triton", x)
@@ -89,3 +91,19 @@ def test_output_contract(backend, dtype):
     assert (h.double() - ref).norm() <= tol * ref.norm()
     assert (h_last.double() - ref_last).norm() <= 1e-5 * ref_last.norm()
     assert hgrn_scan(x, g, theta=theta, backend=backend)[1] is None
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)])
+def test_non_contiguous_inputs(backend):
+    """Sequence-first activations transposed to batch-first views, and a strided θ, as a caller may pass them."""
+    T, B, D = 37, 2, 5
+    x_sbd = torch.randn(T, B, D, 2)
+    g_sbd = torch.nn.functional.logsigmoid(torch.randn(T, B, D))
+    theta = torch.randn(2 * D)[::2]
+    reset = torch.rand(B, T) < 0.1
+    x, g = x_sbd.transpose(0, 1), g_sbd.transpose(0, 1)
+    assert not x.is_contiguous() and not g.is_contiguous() and not theta.is_contiguous()
+    h, h_last = hgrn_scan(x, g, theta=theta, reset=reset, output_final_state=True, backend=backend, chunk_size=8)
+    ref, ref_last = hgrn_scan_reference(x, g, theta=theta, reset=reset)
+    assert (h.double() - ref).norm() <= 1e-5 * ref.norm()
+    assert (h_last.double() - ref_last).norm() <= 1e-5 * ref_last.norm()
