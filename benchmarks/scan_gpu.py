@@ -3,6 +3,8 @@
     python benchmarks/scan_gpu.py                       # on a CUDA machine: check, sweep, time, print a table
     python benchmarks/scan_gpu.py --quick               # default kernel config only (no sweep)
     python benchmarks/scan_gpu.py --compile-only 90     # no GPU needed: lower every kernel variant to sm_90 cubin
+    python benchmarks/scan_gpu.py --dry-run             # no GPU needed: the whole script at toy sizes on CPU,
+                                                        # kernels under Triton's interpreter (timings meaningless)
 
 What is timed (bf16 inputs, fp32 state), at (B=16, T=8192, D=128) and (B=8, T=4096, D=2048):
   ours   hgrn_megatron.kernels triton path (real; complex also reported), forward and forward+backward
@@ -43,6 +45,12 @@ def _make_kernels_importable() -> None:
     sys.modules["hgrn_megatron.kernels"] = module
     spec.loader.exec_module(module)
 SWEEP = [dict(chunk_size=c, block_d=d, num_warps=w) for c in (32, 64, 128) for d in (16, 32, 64) for w in (4, 8)]
+# Overridden by --dry-run: device, shapes, the correctness problem, the sweep, the copy size.
+RUN = {"device": "cuda", "shapes": SHAPES, "check_shape": (3, 333, 100), "sweep": SWEEP, "copy_bytes": 512 * 2**20,
+       "fla": True}
+DRY_RUN = {"device": "cpu", "shapes": [(1, 40, 16)], "check_shape": (2, 40, 12),
+           "sweep": [dict(chunk_size=16, block_d=8, num_warps=4), dict(chunk_size=32, block_d=16, num_warps=4)],
+           "copy_bytes": 2**20, "fla": False}
 
 
 def main(argv=None) -> int:
@@ -51,19 +59,23 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-only", type=int, metavar="SM", help="lower the kernels for sm_SM; no GPU needed")
     parser.add_argument("--variants", choices=("core", "all"), default="all",
                         help="with --compile-only: 'core' = complex, bf16, with resets (a quick check)")
+    parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU under Triton's interpreter")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        RUN.update(DRY_RUN)
     _make_kernels_importable()  # imports torch, not triton (the Triton module is imported lazily)
     if args.compile_only is not None:
         return compile_only(args.compile_only, args.variants)
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print("scan_gpu: no CUDA device; run with --compile-only SM to check the kernels lower without one")
         return 2
-    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-               "torch": torch.__version__}
+    device_name = "cpu (dry run: Triton interpreter)" if args.dry_run else torch.cuda.get_device_name()
+    results = {"device": device_name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     import triton
 
     results["triton"] = triton.__version__
@@ -71,7 +83,7 @@ def main(argv=None) -> int:
     print(json.dumps(results["correctness"], indent=1), flush=True)
     results["copy_GBps"] = copy_bandwidth()
     print(f"device copy: {results['copy_GBps']:.0f} GB/s (read + write)", flush=True)
-    results["shapes"] = [time_shape(shape, results["copy_GBps"], sweep=not args.quick) for shape in SHAPES]
+    results["shapes"] = [time_shape(shape, results["copy_GBps"], sweep=not args.quick) for shape in RUN["shapes"]]
     print_table(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,18 +100,20 @@ def check_correctness() -> dict:
     report = {}
     for variant in ("real", "complex"):
         for dtype in (torch.float32, torch.bfloat16):
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            B, T, D = 3, 333, 100
+            dev = RUN["device"]
+            gen = torch.Generator(device=dev).manual_seed(0)
+            B, T, D = RUN["check_shape"]
             cplx = variant == "complex"
-            x = torch.randn((B, T, D, 2) if cplx else (B, T, D), device="cuda", generator=gen).to(dtype)
-            g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, device="cuda", generator=gen)).to(dtype)
-            theta = torch.randn(D, device="cuda", generator=gen) if cplx else None
-            h0 = torch.randn((B, D, 2) if cplx else (B, D), device="cuda", generator=gen)
-            reset = torch.rand(B, T, device="cuda", generator=gen) < 0.05
-            reset[:, 0] = True
-            reset[1, 100:103] = True
-            w = torch.randn(x.shape, device="cuda", generator=gen, dtype=torch.float64)
-            w_last = torch.randn(h0.shape, device="cuda", generator=gen, dtype=torch.float64)
+            x = torch.randn((B, T, D, 2) if cplx else (B, T, D), device=dev, generator=gen).to(dtype)
+            g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, device=dev, generator=gen)).to(dtype)
+            theta = torch.randn(D, device=dev, generator=gen) if cplx else None
+            h0 = torch.randn((B, D, 2) if cplx else (B, D), device=dev, generator=gen)
+            reset = torch.rand(B, T, device=dev, generator=gen) < 0.05
+            reset[:, 0] = False
+            reset[0, 0] = True  # row 0 starts with a reset (its dh0 is zero); the others carry h0
+            reset[1, T // 3:T // 3 + 3] = True  # consecutive resets
+            w = torch.randn(x.shape, device=dev, generator=gen, dtype=torch.float64)
+            w_last = torch.randn(h0.shape, device=dev, generator=gen, dtype=torch.float64)
 
             def run(fn, widen):
                 leaves = [t.detach().clone().double() if widen else t.detach().clone()
@@ -115,33 +129,45 @@ def check_correctness() -> dict:
             ref = run(lambda x_, g_, th, s: hgrn_scan_reference(x_, g_, theta=th, initial_state=s, reset=reset),
                       True)
             names = ["h", "h_last", "dx", "dg", "dh0"] + (["dtheta"] if cplx else [])
-            errors = {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in zip(names, ours, ref)}
+            errors = {n: ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                      for n, a, b in zip(names, ours, ref)}
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             report[f"{variant}-{str(dtype)[6:]}"] = {"max_rel_error": max(errors.values()),
                                                      "pass": max(errors.values()) <= tol, "errors": errors}
     return report
 
 
+def bench(fn, warmup: int, rep: int, grad_to_none=None) -> float:
+    """Milliseconds per call: triton's do_bench (CUDA events, L2 flushed) on a GPU; a plain timer in a dry run."""
+    if RUN["device"] == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none)
+    fn()
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
 def copy_bandwidth() -> float:
     import torch
-    from triton.testing import do_bench
 
-    src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    src = torch.empty(RUN["copy_bytes"], dtype=torch.uint8, device=RUN["device"])
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    ms = bench(lambda: dst.copy_(src), warmup=10, rep=50)
     return 2 * src.numel() / ms / 1e6
 
 
 def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
     import torch
-    from triton.testing import do_bench
 
     from hgrn_megatron.kernels.triton_scan import triton_scan
 
     B, T, D = shape
     dtype = torch.bfloat16
-    x = torch.randn(B, T, D, device="cuda", dtype=dtype, requires_grad=True)
-    g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, device="cuda")).to(dtype).requires_grad_()
+    dev = RUN["device"]
+    x = torch.randn(B, T, D, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.nn.functional.logsigmoid(2 + torch.randn(B, T, D, device=dev)).to(dtype).requires_grad_()
     do = torch.randn_like(x)
     unit = B * T * D * x.element_size()
     bytes_fwd, bytes_fwdbwd = 3 * unit, 8 * unit
@@ -150,12 +176,12 @@ def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
     def measure(name, fwd):
         entry = {"name": name}
         try:
-            entry["fwd_ms"] = do_bench(lambda: fwd(x, g), warmup=10, rep=50)
+            entry["fwd_ms"] = bench(lambda: fwd(x, g), warmup=10, rep=50)
 
             def fwd_bwd():
                 h = fwd(x, g)
                 h.backward(do)
-            entry["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=5, rep=30, grad_to_none=[x, g])
+            entry["fwdbwd_ms"] = bench(fwd_bwd, warmup=5, rep=30, grad_to_none=[x, g])
             entry["fwd_GBps"] = bytes_fwd / entry["fwd_ms"] / 1e6
             entry["fwdbwd_GBps"] = bytes_fwdbwd / entry["fwdbwd_ms"] / 1e6
             entry["fwd_of_copy"] = entry["fwd_GBps"] / copy_gbps
@@ -166,7 +192,7 @@ def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
         row["rows"].append(entry)
         return entry
 
-    configs = SWEEP if sweep else [{}]
+    configs = RUN["sweep"] if sweep else [{}]
     best = None
     for cfg in configs:
         if cfg.get("block_d", 0) > triton_pow2(D):
@@ -177,18 +203,20 @@ def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
     row["ours_best"] = best
     if sweep:
         row["ours_default"] = measure("ours default", lambda x_, g_: triton_scan(x_, g_)[0])
-    theta = torch.randn(D, device="cuda")
-    xc = torch.randn(B, T, D, 2, device="cuda", dtype=dtype, requires_grad=True)
+    theta = torch.randn(D, device=dev)
+    xc = torch.randn(B, T, D, 2, device=dev, dtype=dtype, requires_grad=True)
     try:
         entry = {"name": "ours complex (x is [B,T,D,2]: 2x the bytes of x and h)"}
-        entry["fwd_ms"] = do_bench(lambda: triton_scan(xc, g, theta=theta)[0], warmup=10, rep=50)
+        entry["fwd_ms"] = bench(lambda: triton_scan(xc, g, theta=theta)[0], warmup=10, rep=50)
         row["rows"].append(entry)
     except Exception as err:
         row["rows"].append({"name": "ours complex", "error": f"{type(err).__name__}: {err}"[:300]})
     try:
+        if not RUN["fla"]:
+            raise RuntimeError("skipped in a dry run (fla's autotuned kernels would run every config interpreted)")
         from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
     except Exception as err:
-        row["fla"] = f"not importable: {err}"
+        row["fla"] = f"not available: {err}"
     else:
         row["fla_chunk"] = measure("fla chunk_hgrn", lambda x_, g_: chunk_hgrn(x_, g_)[0])
         row["fla_fused_recurrent"] = measure("fla fused_recurrent_hgrn",

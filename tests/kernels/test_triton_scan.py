@@ -5,6 +5,7 @@ channel-block (BD) boundaries with ragged remainders. A separate test lowers the
 through Triton's ptxas, which catches GPU compilation errors without a GPU.
 """
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -121,3 +122,18 @@ def test_triton_kernels_lower_to_sm90_cubin():
 @pytest.mark.heavy
 def test_triton_all_kernel_variants_lower_to_sm90_cubin():
     assert "compiled 48 kernel variants to sm_90 cubin" in _lower_to_sm90("all")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/scan_gpu.py end to end at toy sizes on CPU (kernels interpreted): every code path but the
+    CUDA timers and fla, so the one-call GPU run does not fail on a Python error."""
+    out = tmp_path / "scan_gpu.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scan_gpu.py"), "--dry-run", "--quick",
+                             "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert all(check["pass"] for check in report["correctness"].values()), report["correctness"]
+    rows = report["shapes"][0]["rows"]
+    assert any(r["name"].startswith("ours") and "fwdbwd_ms" in r for r in rows), rows
+    assert not [r for r in rows if "error" in r], rows
