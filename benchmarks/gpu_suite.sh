@@ -4,8 +4,9 @@
 # micro-batch that fits), then one table of every figure next to its goal. Results: $OUT_DIR/{scan,train,suite}.json.
 #
 #   bash benchmarks/gpu_suite.sh                 # on a GPU machine
-#   bash benchmarks/gpu_suite.sh --cpu-smoke     # no GPU: the training part at tiny sizes on CPU, the scan kernels
-#                                                #   lowered to sm_90 without running (checks the code paths only)
+#   bash benchmarks/gpu_suite.sh --cpu-smoke     # no GPU: every part at toy sizes on CPU (training steps in bf16,
+#                                                #   the scan benchmark interpreted, its kernels lowered to sm_90);
+#                                                #   checks the code paths only, the figures mean nothing
 #   OUT_DIR=/some/dir PROFILE=hgrn-1b:hgrn bash benchmarks/gpu_suite.sh   # also profile one model's step
 #
 # Each part has its own time limit, so a hang cannot eat the whole slot; a part that fails is reported in the
@@ -27,10 +28,16 @@ echo "gpu_suite: results in $OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 
 if [[ "$MODE" == "--cpu-smoke" ]]; then
+    # The scan benchmark's own CPU modes: its whole script at toy sizes under Triton's interpreter (writes
+    # scan.json), and the kernels lowered to sm_90 cubins without a GPU.
+    timeout "${SCAN_TIMEOUT:-300}" "$PYTHON" benchmarks/scan_gpu.py --dry-run --quick --out "$OUT_DIR/scan.json" \
+        > "$OUT_DIR/scan.log" 2>&1; echo "scan (dry run, interpreted): exit $?"
     timeout "${SCAN_TIMEOUT:-300}" "$PYTHON" benchmarks/scan_gpu.py --compile-only 90 --variants core \
-        > "$OUT_DIR/scan.log" 2>&1; echo "scan (compile-only, sm_90): exit $? ($(tail -n 1 "$OUT_DIR/scan.log"))"
+        > "$OUT_DIR/scan_compile.log" 2>&1; echo "scan (compile-only, sm_90): exit $? ($(tail -n 1 "$OUT_DIR/scan_compile.log"))"
+    # A nominal 1 TFLOP/s peak and an out-of-memory simulated above micro-batch 3 take the MFU and OOM-retry paths.
     timeout "${TRAIN_TIMEOUT:-600}" "$PYTHON" benchmarks/gpu_train_step.py --cpu-smoke --out "$OUT_DIR/train.json" \
-        ${PROFILE:+--profile "$PROFILE"} 2>&1 | grep -v -i warn | tee "$OUT_DIR/train.log"
+        --peak-tflops 1 --max-micro-batch 8 --simulate-oom-above 3 ${PROFILE:+--profile "$PROFILE"} 2>&1 \
+        | grep -v -i warn | tee "$OUT_DIR/train.log"
 else
     # --quick: the default kernel configuration only; SCAN_SWEEP=1 adds the block/chunk/warp sweep (minutes more).
     SCAN_ARGS=(--quick)

@@ -26,7 +26,8 @@ def goal_rows(scan: dict | None, train: dict | None) -> list[tuple[str, str, str
     """(figure, value, goal, met) rows."""
     rows = []
     if scan is None:
-        rows.append(("scan benchmark", "missing (failed or timed out)", "", ""))
+        rows.append(("scan benchmark", "no scan.json (failed, timed out, or a compile-only smoke run: see scan.log)",
+                     "", ""))
     else:
         for name, check in scan.get("correctness", {}).items():
             rows.append((f"scan correctness {name}", f"rel. error {check['max_rel_error']:.1e}", "pass",

@@ -44,7 +44,7 @@ class Memory:
 
         self.torch = torch
         self.capacity = torch.cuda.get_device_properties(0).total_memory if cuda else cpu_budget_gib * GIB
-        self.oom = (torch.cuda.OutOfMemoryError,) if cuda else ()
+        self.oom = (torch.cuda.OutOfMemoryError,) if cuda else (MemoryError,)
 
     def reset(self) -> None:
         if self.cuda:
@@ -82,21 +82,24 @@ def largest_micro_batch(make, mem: Memory, args, log) -> tuple[int, object, dict
     device = "cuda" if mem.cuda else "cpu"
     record = {"probes": []}
 
-    def probe(mb: int) -> int | None:
+    def probe(mb: int, note: str = "") -> int | None:
         tokens = synthetic_tokens(args.vocab, mb, args.seq, device, seed=mb)
         mem.reset()
         try:
+            if args.simulate_oom_above and mb > args.simulate_oom_above:  # smoke runs: exercise the OOM path
+                raise MemoryError(f"simulated out-of-memory at micro-batch {mb}")
             timed_step(engine, tokens)
-        except mem.oom:
+        except mem.oom as err:
             record["probes"].append({"micro_batch": mb, "peak_gib": None})
+            log(f"  micro-batch {mb}: out of memory ({str(err).splitlines()[0][:100]})")
             return None
         peak = mem.peak()
         record["probes"].append({"micro_batch": mb, "peak_gib": peak / GIB})
-        log(f"  micro-batch {mb}: peak {peak / GIB:.2f} GiB")
+        log(f"  micro-batch {mb}: peak {peak / GIB:.2f} GiB{note}")
         return peak
 
     budget = args.memory_fraction * mem.capacity
-    probe(1)  # first step: allocates the optimizer state, compiles kernels
+    probe(1, " (first step: optimizer state, kernel compilation)")
     one = probe(1)
     two = probe(2) if one is not None and args.max_micro_batch >= 2 else None
     if one is None or one > budget:
@@ -193,6 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", metavar="PRESET:MIXER", help="also profile one step of this model")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: exercises the code paths")
     parser.add_argument("--cpu-budget-gib", type=float, default=None, help="smoke: memory budget (default: RSS now + 0.25)")
+    parser.add_argument("--simulate-oom-above", type=int, help=argparse.SUPPRESS)  # smoke tests of the OOM path
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke

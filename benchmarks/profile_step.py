@@ -3,9 +3,11 @@
 Used by `train_throughput.py --profile MIXER:T` (CPU) and `gpu_train_step.py --profile` (GPU). Reports
 1. the wall time of each phase (forward; backward, including DeepSpeed's gradient reduction hooks; step);
 2. the top operators by self time;
-3. self time by the source line that issued the operator (the innermost frame in this project, megatron-core,
-   DeepSpeed, torch.optim or torch.nn.functional; the profiler attributes backward operators to the forward
-   call that created them), and by component, which is what tells model arithmetic from overhead.
+3. self time by the function that issued the operator (the innermost frame in this project, megatron-core,
+   DeepSpeed, torch.optim or torch.nn.functional, shown with the function's first line; the profiler mostly
+   attributes backward operators to the forward call that created them, and the project's own autograd
+   Functions are recognised by their backward node), and by component, which is what tells the model's own
+   arithmetic from overhead.
 """
 from __future__ import annotations
 
@@ -20,19 +22,42 @@ MATMUL_OPS = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_dot
 INTERESTING = re.compile(r"(/work/[^/]+/|hgrn_megatron|/kernels/|/pretrain/|/benchmarks/|megatron/core/|deepspeed/|"
                          r"torch/optim/|torch/nn/functional\.py)")
 SHORTEN = re.compile(r"^.*?(site-packages/|/work/[^/]+/)")
+ENGINE_BACKWARD = re.compile(r"deepspeed/runtime/engine\.py\(\d+\): backward$")
+
+
+AUTOGRAD = "(autograd engine: backward ops with no forward frame)"
 
 
 def _location(event) -> str:
     for frame in event.stack or ():
+        if ENGINE_BACKWARD.search(frame):  # issued by autograd inside `engine.backward(loss)`, not by DeepSpeed
+            return AUTOGRAD
         if INTERESTING.search(frame) and not frame.startswith("nn.Module"):
             return SHORTEN.sub("", frame)
-    return "(no Python frame: autograd engine)"
+    return AUTOGRAD
+
+
+def _backward_node(event) -> str | None:
+    """The autograd node whose backward issued `event` (None for forward and optimizer operators)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("autograd::engine::evaluate_function: "):
+            return parent.name.split(": ", 1)[1]
+        parent = parent.cpu_parent
+    return None
+
+
+# Backward nodes of the project's own autograd Functions, which the forward frame does not always name.
+OWN_NODES = {"TorchScanFunctionBackward": "kernels/torch_scan.py", "TritonScanFunctionBackward": "kernels/triton_scan.py",
+             "_ForgetGateBackward": "hgrn_megatron/hgru.py"}
 
 
 def component(op: str, location: str) -> str:
     """Coarse owner of an operator's time."""
     if MATMUL_OPS.match(op):
         return "matmuls and attention kernels (model arithmetic)"
+    if location.startswith(AUTOGRAD[:-1]):
+        return "autograd bookkeeping (broadcast-gradient sums, accumulation)"
     if location.startswith("deepspeed/"):
         return "DeepSpeed (gradient buckets, partition copies, norms)"
     if location.startswith("torch/optim/"):
@@ -43,7 +68,7 @@ def component(op: str, location: str) -> str:
         return "HGRN mixer elementwise (gates, mixer norm, layout)"
     if location.startswith(("megatron/", "torch/nn/functional")):
         return "megatron-core elementwise (block norms, SwiGLU, residual, loss)"
-    return "autograd bookkeeping (broadcast-gradient sums, accumulation)"
+    return "other"
 
 
 def profile_training_step(engine, tokens, top: int = 25, cuda: bool = False) -> dict:
@@ -80,7 +105,11 @@ def profile_training_step(engine, tokens, top: int = 25, cuda: bool = False) -> 
         self_us = getattr(event, time_attr, 0)
         if not event.name.startswith("aten::") or self_us <= 0:
             continue
-        where = _location(event)
+        where, node = _location(event), _backward_node(event)
+        if node in OWN_NODES:
+            where = f"{OWN_NODES[node]} ({node})"
+        elif node is not None and where == AUTOGRAD:
+            where = f"{AUTOGRAD[:-1]}: {node})"
         by_op[event.name] += self_us
         by_line[(event.name, where)] += self_us
         calls[(event.name, where)] += 1

@@ -155,7 +155,8 @@ def memory_in_child(args) -> dict:
 def passthrough(args) -> list[str]:
     return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--ffn", str(args.ffn), "--heads",
             str(args.heads), "--vocab", str(args.vocab), "--tokens-per-step", str(args.tokens_per_step),
-            "--seq-lengths", *map(str, args.seq_lengths), "--mixers", *args.mixers]
+            "--seq-lengths", *map(str, args.seq_lengths), "--mixers", *args.mixers,
+            *(["--threads", str(args.threads)] if args.threads else [])]
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -238,7 +239,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs, [str(s) for s in seqs])
         ax.set_xlabel("sequence length T")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.2 * max(line.get_ydata().max() for line in ax.get_lines()))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -280,12 +281,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here (default: runs/bench/train_throughput.json)")
     parser.add_argument("--png", help="write the plot here (e.g. docs/throughput.png)")
     parser.add_argument("--profile", metavar="MIXER:T", help="profile one step of one configuration instead")
+    parser.add_argument("--plot-only", metavar="JSON", help="redraw --png from a results file of this script")
     parser.add_argument("--top", type=int, default=25, help="rows of the profile tables")
     args = parser.parse_args(argv)
     for seq in args.seq_lengths:
         if args.tokens_per_step % seq:
             parser.error(f"--tokens-per-step {args.tokens_per_step} is not a multiple of sequence length {seq}")
 
+    if args.plot_only:
+        plot_results(json.loads(Path(args.plot_only).read_text()), Path(args.png or "docs/throughput.png"))
+        return 0
     import torch
 
     if args.threads:
@@ -314,11 +319,16 @@ def main(argv=None) -> int:
     json_path.write_text(json.dumps({"info": info, "speed": speed, "memory": memory, **summary}, indent=1))
     print(f"wrote {json_path}")
     if args.png:
-        plot(summary, Path(args.png), f"one rank, fp32, ZeRO-1; d={args.hidden}, {args.layers} layers, "
-             f"SwiGLU {args.ffn}, vocab {args.vocab}; {args.tokens_per_step} tokens/step; {info['date']}, "
-             f"{info['cpu_count']} CPU cores (shared)")
-        print(f"wrote {args.png}")
+        plot_results(json.loads(json_path.read_text()), Path(args.png))
     return 0
+
+
+def plot_results(results: dict, png: Path) -> None:
+    info, model = results["info"], results["info"]["model"]
+    plot(results, png, f"one rank, fp32, ZeRO-1; d={model['hidden_size']}, {model['num_layers']} layers, SwiGLU "
+         f"{model['ffn_hidden_size']}, vocab {model['vocab']}; {info['tokens_per_step']} tokens/step; {info['date']}, "
+         f"{info['cpu_count']} CPU cores (shared), {info['torch_threads']} torch thread(s)")
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":
