@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
 
+    from hgrn_megatron.runtime_env import configure_environment
+
+    configure_environment()  # before deepspeed (ZeRO consolidation) is imported
     from hgrn_megatron.export.exporter import export_checkpoint
 
     try:
