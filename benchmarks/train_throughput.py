@@ -284,6 +284,10 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-only", metavar="JSON", help="redraw --png from a results file of this script")
     parser.add_argument("--top", type=int, default=25, help="rows of the profile tables")
     args = parser.parse_args(argv)
+    if args.profile:
+        if ":" not in args.profile or args.profile.split(":")[0] not in MIXERS:
+            parser.error(f"--profile wants MIXER:T with MIXER in {MIXERS}, got {args.profile!r}")
+        args.seq_lengths = [int(args.profile.split(":")[1])]
     for seq in args.seq_lengths:
         if args.tokens_per_step % seq:
             parser.error(f"--tokens-per-step {args.tokens_per_step} is not a multiple of sequence length {seq}")
