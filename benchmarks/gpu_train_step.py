@@ -44,7 +44,11 @@ class Memory:
 
         self.torch = torch
         self.capacity = torch.cuda.get_device_properties(0).total_memory if cuda else cpu_budget_gib * GIB
-        self.oom = (torch.cuda.OutOfMemoryError,) if cuda else (MemoryError,)
+
+    @staticmethod
+    def is_oom(err: BaseException) -> bool:
+        """An allocation failure, however the layers above the allocator re-raised it."""
+        return isinstance(err, MemoryError) or "out of memory" in str(err).lower()
 
     def reset(self) -> None:
         if self.cuda:
@@ -89,7 +93,9 @@ def largest_micro_batch(make, mem: Memory, args, log) -> tuple[int, object, dict
             if args.simulate_oom_above and mb > args.simulate_oom_above:  # smoke runs: exercise the OOM path
                 raise MemoryError(f"simulated out-of-memory at micro-batch {mb}")
             timed_step(engine, tokens)
-        except mem.oom as err:
+        except Exception as err:  # noqa: BLE001 - torch.OutOfMemoryError, or a wrapper of it from a hook
+            if not mem.is_oom(err):
+                raise
             record["probes"].append({"micro_batch": mb, "peak_gib": None})
             log(f"  micro-batch {mb}: out of memory ({str(err).splitlines()[0][:100]})")
             return None
@@ -104,7 +110,16 @@ def largest_micro_batch(make, mem: Memory, args, log) -> tuple[int, object, dict
     two = probe(2) if one is not None and args.max_micro_batch >= 2 else None
     if one is None or one > budget:
         raise RuntimeError(f"micro-batch 1 does not fit ({record['probes']})")
+    def fresh_engine():
+        # An OOM mid-step may leave DeepSpeed's gradient buckets half-filled: the next step starts afresh.
+        nonlocal engine
+        del engine
+        mem.release()
+        engine = make()
+
     if two is None or two > budget:
+        if two is None and args.max_micro_batch >= 2:
+            fresh_engine()
         return 1, engine, record
     per_sample = max(two - one, 1)
     record["bytes_per_sample_gib"] = per_sample / GIB
@@ -113,10 +128,8 @@ def largest_micro_batch(make, mem: Memory, args, log) -> tuple[int, object, dict
         peak = probe(mb)
         if peak is not None and peak <= budget:
             break
-        if peak is None:  # an OOM may leave DeepSpeed's gradient buckets half-filled: start afresh
-            del engine
-            mem.release()
-            engine = make()
+        if peak is None:
+            fresh_engine()
         mb = max(2, int(mb * 0.85))
     return mb, engine, record
 
