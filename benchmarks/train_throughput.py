@@ -1,8 +1,11 @@
 """End-to-end training throughput on CPU: HGRN against the same-size Transformer, T = 512 ... 8192.
 
-    python benchmarks/train_throughput.py                         # the sweep: table, JSON, PNG (~10 min, 2 cores)
+    python benchmarks/train_throughput.py --threads 1 --png docs/throughput.png   # the sweep (~8 min on 2 cores)
     python benchmarks/train_throughput.py --seq-lengths 512 8192 --rounds 2 --no-memory   # a quick look
-    python benchmarks/train_throughput.py --profile hgrn:8192     # where one step's time goes (torch.profiler)
+    python benchmarks/train_throughput.py --threads 1 --profile hgrn:8192  # where one step's time goes
+
+On a host shared with other jobs use `--threads 1`: with more, OpenMP threads spin waiting for a descheduled
+sibling and step times swing by 2x; on a dedicated machine leave torch's default.
 
 Each step is the trainer's step through the real engine (`pretrain.engine.build_engine`: megatron-core model,
 torch AdamW, DeepSpeed ZeRO-1, fp32, one rank) on synthetic tokens (see benchmarks/common.py). Both models share
@@ -38,7 +41,6 @@ from pathlib import Path
 
 from common import build_engine, init_single_rank, machine_info, run_config, spread, synthetic_tokens, timed_step
 
-HERE = Path(__file__).resolve().parent
 MIXERS = ("hgrn", "attention")
 KIB = 1024
 
