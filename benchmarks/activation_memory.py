@@ -29,6 +29,9 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import saved_tensor_bytes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TRITON_INTERPRET", "1")
 GIB = 2**30
@@ -48,17 +51,8 @@ def saved_activation_bytes(model_fields: dict, num_layers: int, seq: int, vocab:
         model = build_model(cfg, vocab, params_dtype=torch.bfloat16)
         torch.manual_seed(0)
         tokens = torch.randint(0, vocab, (1, seq + 1))
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(tokens[:, :-1], labels=tokens[:, 1:])
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        return sum(n for ptr, n in saved.items() if ptr not in weights)
+        _, nbytes = saved_tensor_bytes(lambda: model(tokens[:, :-1], labels=tokens[:, 1:]), model.parameters())
+        return nbytes
     finally:
         parallel_state.destroy_model_parallel()
 

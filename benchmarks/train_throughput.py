@@ -39,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import build_engine, init_single_rank, machine_info, run_config, spread, synthetic_tokens, timed_step
+from common import (
+    build_engine, init_single_rank, machine_info, run_config, saved_tensor_bytes, spread, synthetic_tokens, timed_step,
+)
 
 MIXERS = ("hgrn", "attention")
 KIB = 1024
@@ -87,21 +89,12 @@ def measure_speed(args) -> dict:
 # ---------------------------------------------------------------------------------------------- memory
 def saved_activation_bytes(engine, tokens) -> int:
     """Bytes autograd keeps for the backward pass of one forward pass (distinct storages, weights excluded)."""
-    import torch
-
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = engine(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
-    weights = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    loss, nbytes = saved_tensor_bytes(
+        lambda: engine(tokens[:, :-1], labels=tokens[:, 1:]).float().mean(), engine.module.parameters()
+    )
     engine.backward(loss)  # completes the step, so the engine's state stays as the trainer leaves it
     engine.step()
-    return sum(n for ptr, n in saved.items() if ptr not in weights)
+    return nbytes
 
 
 def _status_kib(field: str) -> int:
