@@ -65,16 +65,17 @@ def test_resume_is_bit_exact(tmp_path, zero_stage, tp):
 
 
 @pytest.mark.slow
-def test_resume_at_smaller_data_parallel_size(tmp_path):
+@pytest.mark.parametrize("zero_stage,tp", [(2, 1), (1, 2)], ids=["tp1-zero2", "tp2-zero1"])
+def test_resume_at_smaller_data_parallel_size(tmp_path, zero_stage, tp):
     from .conftest import tiny_run_tree
 
-    common = dict(parallel={"zero_stage": 2}, schedule={"decay_steps": 6})
+    common = dict(parallel={"zero_stage": zero_stage, "tensor_parallel_size": tp}, schedule={"decay_steps": 6})
     straight = tiny_run_tree(tmp_path / "straight", **common)
-    assert run(straight, 2) == (0, 6)
+    assert run(straight, 2 * tp) == (0, 6)
     split = tiny_run_tree(tmp_path / "split", **common, train={"steps": 3})
-    assert run(split, 2) == (0, 3)
+    assert run(split, 2 * tp) == (0, 3)
     split["train"]["steps"] = 6
-    assert run(split, 1) == (0, 6)  # DP 2 -> 1 through DeepSpeed's universal checkpoint
+    assert run(split, tp) == (0, 6)  # DP 2 -> 1 through DeepSpeed's universal checkpoint
     got, ref = read_losses(split["run_dir"]), read_losses(straight["run_dir"])
     assert sorted(got) == list(range(1, 7))
     for step in range(4, 7):
