@@ -1,7 +1,6 @@
 """The analytic parameter count equals the built model's, for every preset; the FLOP model's matmul part
 equals what torch's FLOP counter measures on the tiny model; the `hgrn-model` command reports them."""
 import pytest
-import torch
 
 from hgrn_megatron.__main__ import main as hgrn_model_main
 from hgrn_megatron.config import ModelConfig

@@ -3,6 +3,7 @@ resume, resume at another DP size, checkpoint fallback, non-finite skipping."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -119,7 +120,7 @@ def test_nonfinite_step_is_skipped_and_counted(run_tree, zero_stage):
     by_step = {r["step"]: r for r in records if r["split"] == "train"}
     assert by_step[2]["skipped_steps"] == 0 and by_step[3]["skipped_steps"] == 1 and by_step[6]["skipped_steps"] == 1
     # The poisoned update never reached the weights: later losses are finite and still falling.
-    assert all(by_step[s]["loss"] == by_step[s]["loss"] for s in (4, 5, 6))
+    assert all(math.isfinite(by_step[s]["loss"]) for s in (4, 5, 6))
     assert by_step[6]["loss"] < by_step[1]["loss"]
 
 
@@ -151,4 +152,4 @@ def test_bf16_zero2_trains_on_two_ranks(run_tree):
     tree = run_tree(train={"precision": "bf16"}, parallel={"zero_stage": 2})
     assert run(tree, 2) == (0, 6)
     losses = read_losses(tree["run_dir"])
-    assert all(v == v for v in losses.values()) and losses[6] < losses[1]
+    assert all(math.isfinite(v) for v in losses.values()) and losses[6] < losses[1]
