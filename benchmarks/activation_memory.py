@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import saved_tensor_bytes  # noqa: E402
+from common import saved_tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -127,8 +127,9 @@ def main() -> None:
 
     configure_environment()
     patch_for_cpu()
-    from hgrn_megatron.flops import count_parameters
     from hgrn_megatron.pretrain.config import load_config
+
+    from hgrn_megatron.flops import count_parameters
     from hgrn_megatron.testing.distributed import run_distributed
 
     cfg = load_config(args.config)

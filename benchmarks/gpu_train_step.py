@@ -93,7 +93,7 @@ def largest_micro_batch(make, mem: Memory, args, log) -> tuple[int, object, dict
             if args.simulate_oom_above and mb > args.simulate_oom_above:  # smoke runs: exercise the OOM path
                 raise MemoryError(f"simulated out-of-memory at micro-batch {mb}")
             timed_step(engine, tokens)
-        except Exception as err:  # noqa: BLE001 - torch.OutOfMemoryError, or a wrapper of it from a hook
+        except Exception as err:
             if not mem.is_oom(err):
                 raise
             record["probes"].append({"micro_batch": mb, "peak_gib": None})
@@ -144,7 +144,7 @@ def bench_model(spec: str, args, mem: Memory, peak_flops: float | None, log) -> 
     params = count_parameters(cfg.model, args.vocab)
     log(f"{spec}: {params / 1e6:.0f} M parameters, seq {args.seq}, {args.precision}, ZeRO-1")
     started = time.perf_counter()
-    make = lambda: build_engine(cfg, args.vocab)  # noqa: E731 - rebuilt after an OOM
+    make = lambda: build_engine(cfg, args.vocab)
     if args.micro_batch:
         engine, mb, search = make(), args.micro_batch, {"fixed": True}
     else:

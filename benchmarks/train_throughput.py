@@ -40,7 +40,14 @@ import time
 from pathlib import Path
 
 from common import (
-    build_engine, init_single_rank, machine_info, run_config, saved_tensor_bytes, spread, synthetic_tokens, timed_step,
+    build_engine,
+    init_single_rank,
+    machine_info,
+    run_config,
+    saved_tensor_bytes,
+    spread,
+    synthetic_tokens,
+    timed_step,
 )
 
 MIXERS = ("hgrn", "attention")

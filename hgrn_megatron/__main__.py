@@ -83,7 +83,7 @@ def cmd_presets(args) -> int:
         cfg = ModelConfig.build({"preset": name})
         params = _human(count_parameters(cfg, args.vocab_size))
         print(f"{name:<11s} {cfg.hidden_size:>5d} {cfg.num_layers:>3d} {cfg.ffn_hidden_size:>5d} "
-              f"{str(cfg.share_embeddings_and_output_weights):>5s} {params:>12s} "
+              f"{cfg.share_embeddings_and_output_weights!s:>5s} {params:>12s} "
               f"{flops_per_token(cfg, args.vocab_size):>12.4e}")
     return 0
 

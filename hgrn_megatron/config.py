@@ -5,7 +5,7 @@ Pure pydantic (no megatron import), so a config can be checked before any proces
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,7 +16,7 @@ class ModelConfig(ConfigNode):
     """One HGRN (or Transformer-baseline) language model. Defaults are the `tiny` preset."""
 
     # ---------------------------------------------------------------- which model
-    preset: Optional[str] = Field(
+    preset: str | None = Field(
         None, description="Name in `hgrn_megatron.presets.PRESETS`; fills every field not given explicitly."
     )
     mixer: Literal["hgrn", "attention"] = Field(
@@ -80,7 +80,7 @@ class ModelConfig(ConfigNode):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.variant == "complex" and self.expand_ratio != 1:
             raise ValueError(
                 f"expand_ratio={self.expand_ratio} applies to the real variant only "

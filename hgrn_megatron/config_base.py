@@ -19,7 +19,7 @@ class ConfigNode(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     @classmethod
-    def build(cls, data: dict[str, Any] | None = None, *, where: str = "") -> "ConfigNode":
+    def build(cls, data: dict[str, Any] | None = None, *, where: str = "") -> ConfigNode:
         """Validate `data` into this config; raise ConfigError with readable messages on failure."""
         try:
             return cls.model_validate(data or {})

@@ -20,8 +20,8 @@ forward *and* the backward pass (`_sum_over_tp`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -110,7 +110,7 @@ class TPFeatureNorm(MegatronModule):
             y = y + self.bias.float()
         return y
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Weight and bias are split along the feature axis (by default custom tensors count as replicated)."""
         state = {}
         self._save_to_state_dict(state, "", keep_vars=True)
@@ -126,11 +126,11 @@ class TPFeatureNorm(MegatronModule):
 class HGRUSubmodules:
     """Building blocks of an HGRU, in megatron's ModuleSpec style (local and TE linears are interchangeable)."""
 
-    linear_in: Union[ModuleSpec, type, None] = None  # column-parallel, d -> features
-    linear_forget: Union[ModuleSpec, type, None] = None  # column-parallel, d -> channels
-    linear_gate: Union[ModuleSpec, type, None] = None  # column-parallel, d -> features (None: no output gate)
-    linear_out: Union[ModuleSpec, type, None] = None  # row-parallel, features -> d
-    norm: Union[ModuleSpec, type, None] = TPFeatureNorm
+    linear_in: ModuleSpec | type | None = None  # column-parallel, d -> features
+    linear_forget: ModuleSpec | type | None = None  # column-parallel, d -> channels
+    linear_gate: ModuleSpec | type | None = None  # column-parallel, d -> features (None: no output gate)
+    linear_out: ModuleSpec | type | None = None  # row-parallel, features -> d
+    norm: ModuleSpec | type | None = TPFeatureNorm
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class HGRUOptions:
         return 2 * hidden_size if self.variant == "complex" else self.expand_ratio * hidden_size
 
 
-def forget_gate(f: torch.Tensor, lower_bound: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def forget_gate(f: torch.Tensor, lower_bound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(log λ, 1 − λ)` for λ = γ + (1 − γ)·σ(f), in fp32, without ever rounding λ itself.
 
     1 − λ = (1 − γ)·σ(−f) exactly. log λ takes whichever form is accurate: log1p(−(1 − λ)) when λ > 1/2 (λ
@@ -160,7 +160,7 @@ def forget_gate(f: torch.Tensor, lower_bound: Optional[torch.Tensor]) -> tuple[t
     return _ForgetGate.apply(f.float(), None if lower_bound is None else lower_bound.float())
 
 
-def _forget_gate_values(f: torch.Tensor, gamma: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _forget_gate_values(f: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of `forget_gate` (fp32 f and γ), reusing its temporaries."""
     one_minus_lambda = torch.sigmoid(-f)
     if gamma is None:
@@ -267,7 +267,7 @@ class HGRU(MegatronModule):
         """Use `lower_bounds(layer_index) -> γ [local channels]`, a module the model owns (not a submodule)."""
         self._lower_bounds = (lower_bounds,)
 
-    def lower_bound(self) -> Optional[torch.Tensor]:
+    def lower_bound(self) -> torch.Tensor | None:
         """γ of this layer (this rank's channels), or None for γ = 0."""
         index = self.layer_number - 1
         if not self._lower_bounds or index == 0:
@@ -276,7 +276,7 @@ class HGRU(MegatronModule):
             return None
         return self._lower_bounds[0](index)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 inference_context=None, packed_seq_params=None, **kwargs):
         if inference_context is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("HGRU: megatron inference contexts are not supported (export to HF instead)")
@@ -322,7 +322,7 @@ class HGRU(MegatronModule):
         # megatron's layout [s, b, d] as a view; its bias-dropout-add writes the residual sum in its own layout.
         return output.transpose(0, 1), bias
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """θ is split along its channel axis; every submodule describes its own shards."""
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -35,7 +34,7 @@ class SDPACoreAttention(MegatronModule):
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
                  pg_collection=None, **kwargs):
         super().__init__(config=config)
         if config.num_query_groups not in (None, config.num_attention_heads):

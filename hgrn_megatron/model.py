@@ -13,7 +13,6 @@ attention` the same class is the Transformer baseline (megatron's local attentio
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +88,13 @@ class LayerLowerBounds(MegatronModule):
         self.table = torch.nn.Parameter(torch.zeros(num_layers, channels // tp, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.table, True, 1, 1)
 
-    def forward(self, layer_index: Optional[int] = None) -> torch.Tensor:
+    def forward(self, layer_index: int | None = None) -> torch.Tensor:
         """γ for one layer `[channels / tp]`, or for all `[num_layers, channels / tp]`, in fp32."""
         weights = self.table.float().softmax(dim=0)
         gamma = weights.cumsum(dim=0) - weights[0]
         return gamma if layer_index is None else gamma[layer_index]
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """The table is split along its channel axis (dim 1)."""
         state = {}
         self._save_to_state_dict(state, "", keep_vars=True)
@@ -147,9 +146,9 @@ class HGRNModel(GPTModel):
         else:
             self.lower_bounds = None
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, decoder_input=None,
-                labels: Optional[torch.Tensor] = None, *, doc_start: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, decoder_input=None,
+                labels: torch.Tensor | None = None, *, doc_start: torch.Tensor | None = None, **kwargs):
         """Per-token loss `[b, s]` (fp32) when `labels` are given, else logits `[b, s, vocab / tp]`.
 
         `doc_start` bool `[b, s]`: True where token t starts a new document; used only when the config has
@@ -165,7 +164,7 @@ class HGRNModel(GPTModel):
         mask = self.mixer_mask(input_ids, doc_start) if attention_mask is None else attention_mask
         return super().forward(input_ids, position_ids, mask, decoder_input=decoder_input, labels=labels, **kwargs)
 
-    def mixer_mask(self, input_ids: torch.Tensor, doc_start: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def mixer_mask(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None) -> torch.Tensor | None:
         """What each layer's mixer receives as `attention_mask` (see `forward`)."""
         b, s = input_ids.shape
         resetting = self.model_cfg.reset_at_document_boundary and doc_start is not None

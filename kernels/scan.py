@@ -135,7 +135,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         if x.device.type != "cuda":
             return "torch"
         try:
-            import triton  # noqa: F401
+            import triton
         except ImportError:
             if not _warned_auto_fallback:
                 warnings.warn("hgrn_scan: triton is not importable; backend='auto' uses the torch path on CUDA")

@@ -215,7 +215,7 @@ def chunk_hgrn_fwd_kernel_carry(chunk_lg, chunk_h, theta, h0, entering, ht, T, N
     if HAS_INITIAL:
         b_sr, b_si = _load_pair(h0, i_b * D + o_d, m_d, COMPLEX)
     o_row = tl.arange(0, NTB)
-    for i_blk in range(0, tl.cdiv(NT, NTB)):
+    for i_blk in range(tl.cdiv(NT, NTB)):
         o_c = i_blk * NTB + o_row
         m_c = o_c < NT
         mask = m_c[:, None] & m_d[None, :]
@@ -298,7 +298,7 @@ def chunk_hgrn_bwd_kernel_carry(chunk_lg, chunk_s, dht, g, theta, reset, arrivin
         b_sr, b_si = _load_pair(dht, i_b * D + o_d, m_d, COMPLEX)
     o_row = tl.arange(0, NTB)
     n_blk = tl.cdiv(NT, NTB)
-    for i in range(0, n_blk):
+    for i in range(n_blk):
         i_blk = n_blk - 1 - i
         o_c = i_blk * NTB + o_row
         m_c = o_c < NT

@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_environment()
-    from hgrn_megatron.config_base import ConfigError
     from hgrn_megatron.pretrain import EXIT_ABORTED, EXIT_CONFIG_ERROR
     from hgrn_megatron.pretrain.config import dump_config, load_config
     from hgrn_megatron.pretrain.distributed import launch_env
+
+    from hgrn_megatron.config_base import ConfigError
 
     le = launch_env()
     try:
@@ -51,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(le.rank)
     patch_for_cpu()
     import torch.distributed as dist
-
     from hgrn_megatron.pretrain.trainer import TrainingAborted, train
 
     try:

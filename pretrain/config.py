@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hgrn_megatron.pretrain.data.config import DataConfig
+from hgrn_megatron.tokenizer.config import TokenizerConfig
 from pydantic import Field, model_validator
 
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.config_base import ConfigError, ConfigNode
-from hgrn_megatron.pretrain.data.config import DataConfig
-from hgrn_megatron.tokenizer.config import TokenizerConfig
 
 
 # ---------------------------------------------------------------- training loop
@@ -90,7 +90,7 @@ class RunConfig(ConfigNode):
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if self.optimizer.min_lr > self.optimizer.lr:
             raise ValueError(f"optimizer.min_lr ({self.optimizer.min_lr}) exceeds optimizer.lr ({self.optimizer.lr})")
         if self.train.global_batch_size % self.train.micro_batch_size:

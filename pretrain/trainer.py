@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from hgrn_megatron.pretrain import EXIT_OK, EXIT_REQUEUE
 from hgrn_megatron.pretrain import checkpoint as ckpt_io
 from hgrn_megatron.pretrain.config import RunConfig, dump_config
@@ -82,11 +81,11 @@ def _data_totals(stats: dict, dp_group) -> dict:
 
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
+    from hgrn_megatron.pretrain.data import TrainLoader, build_validation_batches, merge_data_states
+    from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
     from megatron.core import parallel_state as ps
 
     from hgrn_megatron.flops import flops_per_token
-    from hgrn_megatron.pretrain.data import TrainLoader, build_validation_batches, merge_data_states
-    from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
 
     # ------------------------------------------------------------ set-up
     init_distributed(cfg.parallel.backend)

@@ -4,14 +4,14 @@ import os
 # Triton's interpreter must be chosen before triton is imported anywhere in the process.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hgrn_megatron.runtime_env import configure_environment, patch_for_cpu  # noqa: E402
+from hgrn_megatron.runtime_env import configure_environment, patch_for_cpu
 
 configure_environment()
 patch_for_cpu()
 
-import pathlib  # noqa: E402
+import pathlib
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"

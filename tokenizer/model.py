@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import sentencepiece as spm
 
@@ -71,7 +71,7 @@ class Tokenizer:
         self.eos_id, self.pad_id = self._sp.eos_id(), self._sp.pad_id()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load from the `.model` file or its directory; check the metadata file's sha256, size and ids."""
         path = Path(path)
         model_path = path / MODEL_FILE if path.is_dir() else path

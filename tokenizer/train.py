@@ -15,12 +15,10 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import sentencepiece as spm
-from tqdm import tqdm
-
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.shards import (
     RecordParser,
@@ -39,6 +37,7 @@ from hgrn_megatron.tokenizer.model import (
     Tokenizer,
     sha256_file,
 )
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import pickle
 import socket
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class DistributedTestError(RuntimeError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from hgrn_megatron.pretrain.data.shards import DataError, resolve_shards, shard_display_names
 from pydantic import Field, model_validator
 
 from hgrn_megatron.config_base import ConfigNode
-from hgrn_megatron.pretrain.data.shards import DataError, resolve_shards, shard_display_names
 
 
 class ShardGroupConfig(ConfigNode):
@@ -52,7 +52,7 @@ class DataConfig(ConfigNode):
     warn_limit: int = Field(5, ge=0, description="Skipped-record warnings per (shard, kind) before thinning out.")
 
     @model_validator(mode="after")
-    def _needs_training_data(self) -> "DataConfig":
+    def _needs_training_data(self) -> DataConfig:
         if not self.train_shards and not self.train_groups:
             raise ValueError("set data.train_shards (globs) or data.train_groups")
         for name, weight in self.source_weights.items():

@@ -7,7 +7,7 @@ nothing is counted twice. `summary()` turns counts into the nested dict `TrainLo
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 # Counter keys (tuples):
 #   ("doc", source)                  documents packed
@@ -32,14 +32,14 @@ class DataCounters:
     def add_dropped(self, source: str) -> None:
         self.counts[("drop", source)] += 1
 
-    def __iadd__(self, other: "DataCounters") -> "DataCounters":
+    def __iadd__(self, other: DataCounters) -> DataCounters:
         self.counts.update(other.counts)
         return self
 
     def __bool__(self) -> bool:
         return bool(self.counts)
 
-    def copy(self) -> "DataCounters":
+    def copy(self) -> DataCounters:
         return DataCounters(Counter(self.counts))
 
     # ------------------------------------------------------------ serialisation (JSON/torch.load-safe types)
@@ -47,11 +47,11 @@ class DataCounters:
         return [[*key, n] for key, n in sorted(self.counts.items()) if n]
 
     @classmethod
-    def from_state(cls, rows: Iterable[list]) -> "DataCounters":
+    def from_state(cls, rows: Iterable[list]) -> DataCounters:
         return cls(Counter({tuple(row[:-1]): int(row[-1]) for row in rows}))
 
     @classmethod
-    def total(cls, parts: Iterable["DataCounters"]) -> "DataCounters":
+    def total(cls, parts: Iterable[DataCounters]) -> DataCounters:
         out = cls()
         for part in parts:
             out += part

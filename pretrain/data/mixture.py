@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _hash_u64(*parts) -> int:

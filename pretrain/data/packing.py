@@ -20,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.mixture import Mixture
 from hgrn_megatron.pretrain.data.shards import (
@@ -73,7 +72,7 @@ def fresh_lane_state(lane: int) -> dict:
 class _Reader:
     """One decompression pass over the stream, shared by the lanes in `lanes`."""
 
-    __slots__ = ("stream", "lanes")
+    __slots__ = ("lanes", "stream")
 
     def __init__(self, stream: RecordStream, lanes: set[int]):
         self.stream = stream
@@ -83,7 +82,7 @@ class _Reader:
 class Lane:
     """One packing lane: its token buffer, its position, its counters since the last snapshot."""
 
-    def __init__(self, group: "LaneGroup", state: dict):
+    def __init__(self, group: LaneGroup, state: dict):
         self.group = group
         self.index = int(state["lane"])
         self.samples = int(state["samples"])

@@ -13,7 +13,7 @@ global state at any data-parallel size or worker count continues the same global
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from hgrn_megatron.pretrain.data.packing import PackingSpec, fresh_lane_state
 from hgrn_megatron.pretrain.data.shards import DataError

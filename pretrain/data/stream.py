@@ -6,9 +6,9 @@ what the pipeline state stores, so a reader can be rebuilt at any record.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from hgrn_megatron.pretrain.data.mixture import Mixture
 from hgrn_megatron.pretrain.data.shards import DataError, StreamFault, iter_lines
@@ -27,7 +27,7 @@ class Position:
         return [self.ordinal, self.pass_index, self.slot, self.line]
 
     @classmethod
-    def from_list(cls, values) -> "Position":
+    def from_list(cls, values) -> Position:
         return cls(*(int(v) for v in values))
 
 

@@ -7,18 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
-
 from hgrn_megatron.pretrain.data import DataConfig, TrainLoader, merge_data_states
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SHARED_PILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "pile-sample"
 
-WORDS = (
-    "the of and to in is was he for it with as his on be at by had are but from or have an they which one "
-    "you were her all she there would their we him been has when who will more no if out so said what up its "
-    "about into than them can only other new some could time these two may then do first any my now such like "
-    "river stone lantern orbit copper meadow quartz velvet harbor signal ember willow falcon"
-).split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "had", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "river", "stone", "lantern", "orbit", "copper", "meadow", "quartz", "velvet", "harbor", "signal", "ember", "willow", "falcon"]
 
 
 def make_text(rng: random.Random, min_words: int, max_words: int, tag: str) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from data_harness import SHARED_PILE, data_config, run_ranks
 from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents
 

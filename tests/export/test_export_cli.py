@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 import torch
-
 from export_harness import mean_kl, module_checkpoint, relative_error, text_shards
+
 from hgrn_megatron.export.__main__ import main as export_main
 
 pytestmark = pytest.mark.distributed  # megatron needs a (one-rank gloo) process group to build the model
@@ -124,9 +124,8 @@ def test_runs_without_the_framework_installed(tmp_path, default_run):
 
 
 def test_tokenizer_gives_our_ids_and_text(tmp_path, default_run, tokenizer_dir, sample_texts):
-    from transformers import AutoTokenizer
-
     from hgrn_megatron.tokenizer import Tokenizer
+    from transformers import AutoTokenizer
 
     run_dir, _ = default_run
     out = tmp_path / "hf"
@@ -144,10 +143,10 @@ def test_tokenizer_gives_our_ids_and_text(tmp_path, default_run, tokenizer_dir, 
 def test_tokenizer_files_for_each_model_type(tmp_path, model_type, sample_texts):
     """The exported tokenizer is verified id for id on write: BPE as a fast tokenizer (no remote code);
     unigram, whose fast lattice can match control and byte pieces written in text, through SentencePiece."""
+    from hgrn_megatron.tokenizer import train_tokenizer
     from transformers import AutoTokenizer
 
     from hgrn_megatron.export.tokenizer_files import write_tokenizer_files
-    from hgrn_megatron.tokenizer import train_tokenizer
 
     tok = train_tokenizer(text_shards()[:1], tmp_path / "tok", vocab_size=400, model_type=model_type,
                           sample_chars=200_000, character_coverage=0.995, progress=False)

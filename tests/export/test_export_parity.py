@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from export_harness import mean_kl, native_reference, relative_error
+
 from hgrn_megatron.export.__main__ import main as export_main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -30,9 +30,8 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def exported(request, tmp_path_factory, tokenizer_dir):
     """(native reference outputs, exported model) for one case."""
-    from transformers import AutoModelForCausalLM
-
     from hgrn_megatron.tokenizer import Tokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = Tokenizer.load(tokenizer_dir)
     run_dir = tmp_path_factory.mktemp(request.param)

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 from hgrn_megatron.kernels import hgrn_scan_reference
 
 

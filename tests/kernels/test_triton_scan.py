@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
 from scan_cases import TOLERANCE, Case, assert_close_to_reference, make_inputs, reference, run
 
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton is imported
     pytest.skip("Triton's interpreter is not enabled (TRITON_INTERPRET=1)", allow_module_level=True)
 
-from hgrn_megatron.kernels.triton_scan import triton_scan  # noqa: E402
+from hgrn_megatron.kernels.triton_scan import triton_scan
 
 # chunk_size 16 / block_d 8 unless stated: T=40 -> chunks 16+16+8, D=20 -> blocks 8+8+4, D=12 -> 8+4.
 CASES = [

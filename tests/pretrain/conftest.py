@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 # Pay DeepSpeed's import (and the torch inductor import behind deepspeed.initialize) once in the parent, before
 # the harness forks rank processes.
 import deepspeed  # noqa: F401
+import pytest
 import torch._inductor  # noqa: F401
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

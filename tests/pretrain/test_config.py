@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from hgrn_megatron.pretrain import EXIT_CONFIG_ERROR
 from hgrn_megatron.pretrain.__main__ import main
 from hgrn_megatron.pretrain.config import load_config

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
 from hgrn_megatron.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from hgrn_megatron.tokenizer.__main__ import main
 
-WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore".split()
+WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore"]
 
 
 def write_shards(root: Path, shards: int = 3, docs: int = 40) -> str:
