@@ -22,12 +22,58 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def plan(cfg, world_size: int) -> str:
+    """What a run of `cfg` on `world_size` ranks would do, computed without building anything."""
+    import json
+
+    from hgrn_megatron.config_base import ConfigError
+    from hgrn_megatron.flops import count_parameters, flops_per_token
+    from hgrn_megatron.tokenizer import Tokenizer, TokenizerError, padded_vocab_size
+
+    tp = cfg.parallel.tensor_parallel_size
+    dp = world_size // tp
+    try:
+        vocab = Tokenizer.load(cfg.tokenizer.model).vocab_size
+        vocab_note = f"tokenizer {cfg.tokenizer.model}: {vocab} pieces"
+    except (TokenizerError, OSError) as err:
+        from hgrn_megatron.presets import REFERENCE_VOCAB_SIZE
+
+        vocab = REFERENCE_VOCAB_SIZE
+        vocab_note = f"tokenizer not loadable ({err}); counting with the reference vocabulary {vocab}"
+    padded = padded_vocab_size(vocab, tp)
+    try:
+        cfg.data.check_paths()
+        data_note = "shard paths resolve"
+    except ConfigError as err:
+        data_note = f"not checkable here ({err})"
+    seq, steps = cfg.model.seq_length, cfg.train.steps
+    tokens_per_step = cfg.train.global_batch_size * seq
+    return "\n".join([
+        f"model: {cfg.model.preset or 'custom'} ({cfg.model.mixer}), {count_parameters(cfg.model, padded) / 1e6:,.1f} M "
+        f"parameters, {flops_per_token(cfg.model, padded, seq):.3e} training FLOPs/token at seq {seq}",
+        f"vocabulary: {vocab_note}; padded to {padded} (multiple of 128 x TP {tp})",
+        f"world {world_size} = TP {tp} x DP {dp}; ZeRO {cfg.parallel.zero_stage}; {cfg.train.precision}",
+        f"batch: {cfg.train.global_batch_size} samples = micro-batch {cfg.train.micro_batch_size} x DP {dp} x "
+        f"accumulation {cfg.grad_accumulation_steps(dp)}; {tokens_per_step:,} tokens/step, "
+        f"{tokens_per_step * steps / 1e9:.3f} B tokens in {steps:,} steps",
+        f"data: {data_note}",
+        f"run dir: {cfg.run_dir}",
+        "DeepSpeed config:",
+        json.dumps(cfg.deepspeed_config(dp), indent=2),
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hgrn-pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="run config YAML (sections: model, data, tokenizer, train, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.preset=tiny")
     parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config for --world-size ranks, print the plan (parameters, FLOPs, batch "
+                             "arithmetic, DeepSpeed JSON) and exit; starts no process group, needs no GPU")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: the number of ranks to plan for (default: the launcher's)")
     args = parser.parse_args(argv)
 
     configure_environment()
@@ -38,15 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     from hgrn_megatron.config_base import ConfigError
 
     le = launch_env()
+    world_size = args.world_size if args.dry_run and args.world_size else le.world_size
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.validate_world(le.world_size)
-        cfg.data.check_paths()  # a missing shard path or an empty glob fails here, not on some rank later
+        cfg.validate_world(world_size)
+        if not args.dry_run:  # a dry run plans a cluster job from anywhere: it reports the data instead
+            cfg.data.check_paths()  # a missing shard path or an empty glob fails here, not on some rank later
     except ConfigError as err:
         print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.print_config:
         print(dump_config(cfg), end="")
+        return 0
+    if args.dry_run:
+        print(plan(cfg, world_size))
         return 0
 
     _setup_logging(le.rank)

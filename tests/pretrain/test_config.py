@@ -1,6 +1,8 @@
 """Config errors are one-line messages from `hgrn-pretrain`, before any process group starts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from hgrn_megatron.pretrain import EXIT_CONFIG_ERROR
@@ -75,3 +77,14 @@ def test_unknown_preset(capsys, config_file):
 def test_missing_shards_fail_before_training(capsys, config_file):
     err = _error(capsys, config_file, "data.train_shards=[/nonexistent/shards/*.jsonl.zst]")
     assert "/nonexistent/shards/*.jsonl.zst" in err
+
+
+def test_dry_run_plans_a_cluster_job_without_starting_anything(capsys):
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "hgrn-1b.yaml")
+    assert main(["--config", config, "--dry-run", "--world-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "world 64 = TP 1 x DP 64" in out and "micro-batch 4 x DP 64 x accumulation 2" in out
+    assert "1,048,576 tokens/step" in out and '"gradient_accumulation_steps": 2' in out
+    # 512 samples do not split over 48 ranks of micro-batch 4: the same one-line error as a real launch.
+    assert main(["--config", config, "--dry-run", "--world-size", "48"]) == EXIT_CONFIG_ERROR
+    assert "(4 x 48 = 192)" in capsys.readouterr().err
