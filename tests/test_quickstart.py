@@ -24,6 +24,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [3, 6, 9, 12]
     assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000012"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
     sample = [line for line in proc.stdout.splitlines() if line.startswith("[quickstart] sample: And God said,")]
     assert sample and len(sample[0]) > len("[quickstart] sample: And God said,") + 10
