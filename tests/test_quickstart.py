@@ -22,7 +22,10 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [3, 6, 9, 12]
-    assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [6, 12]
+    per_source = {k for k in val[-1] if k.startswith("val_loss/")}
+    assert per_source and val[-1]["val_ppl"] > 1  # one val_loss/<pile_set_name> per source present
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000012"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
