@@ -153,3 +153,30 @@ def test_bf16_zero2_trains_on_two_ranks(run_tree):
     assert run(tree, 2) == (0, 6)
     losses = read_losses(tree["run_dir"])
     assert all(math.isfinite(v) for v in losses.values()) and losses[6] < losses[1]
+
+
+def test_validation_reports_loss_per_source(run_tree, tmp_path):
+    import zstandard
+
+    from .conftest import ASSETS
+
+    # A validation shard with two sources: the shipped validation text, relabelled half and half.
+    lines = zstandard.ZstdDecompressor().decompress(
+        (ASSETS / "pile-mini" / "val.jsonl.zst").read_bytes(), max_output_size=1 << 30
+    ).decode().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        rec = json.loads(line)
+        for j, part in enumerate(rec["text"].split("\n\n")[:40]):
+            if part.strip():
+                records.append({"text": part, "meta": {"pile_set_name": "SourceA" if (i + j) % 2 else "SourceB"}})
+    shard = tmp_path / "val-two-sources.jsonl.zst"
+    shard.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+    tree = run_tree(train={"steps": 3, "eval_interval": 3}, data={"valid_shards": [str(shard)], "valid_samples": 8})
+    assert run(tree, 2) == (0, 3)
+    val = [json.loads(line) for line in open(tree["run_dir"] + "/metrics.jsonl") if '"split": "val"' in line]
+    assert [r["step"] for r in val] == [3]
+    a, b, overall = val[0]["val_loss/SourceA"], val[0]["val_loss/SourceB"], val[0]["val_loss"]
+    assert min(a, b) <= overall <= max(a, b) and a != b
+    assert val[0]["val_tokens"] == 8 * 32 and abs(val[0]["val_ppl"] - math.exp(overall)) < 1e-6 * val[0]["val_ppl"]
