@@ -127,9 +127,8 @@ def main() -> None:
 
     configure_environment()
     patch_for_cpu()
-    from hgrn_megatron.pretrain.config import load_config
-
     from hgrn_megatron.flops import count_parameters
+    from hgrn_megatron.pretrain.config import load_config
     from hgrn_megatron.testing.distributed import run_distributed
 
     cfg = load_config(args.config)

@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+
 from hgrn_megatron.kernels import hgrn_scan_reference
 from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
 

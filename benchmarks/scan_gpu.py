@@ -94,6 +94,7 @@ def main(argv=None) -> int:
 def check_correctness() -> dict:
     """Relative error of the compiled kernels against the float64 loop on the device (small, awkward sizes)."""
     import torch
+
     from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
 
     report = {}
@@ -159,6 +160,7 @@ def copy_bandwidth() -> float:
 
 def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
     import torch
+
     from hgrn_megatron.kernels.triton_scan import triton_scan
 
     B, T, D = shape
@@ -258,9 +260,10 @@ def compile_only(sm: int, variants: str = "all") -> int:
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET"):
         raise RuntimeError("--compile-only needs triton imported without TRITON_INTERPRET")
     import triton
-    from hgrn_megatron.kernels import triton_kernels as ts
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from hgrn_megatron.kernels import triton_kernels as ts
 
     target = GPUTarget("cuda", sm, 32)
     count, started = 0, time.perf_counter()

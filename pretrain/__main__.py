@@ -77,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_environment()
+    from hgrn_megatron.config_base import ConfigError
     from hgrn_megatron.pretrain import EXIT_ABORTED, EXIT_CONFIG_ERROR
     from hgrn_megatron.pretrain.config import dump_config, load_config
     from hgrn_megatron.pretrain.distributed import launch_env
-
-    from hgrn_megatron.config_base import ConfigError
 
     le = launch_env()
     world_size = args.world_size if args.dry_run and args.world_size else le.world_size
@@ -103,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(le.rank)
     patch_for_cpu()
     import torch.distributed as dist
+
     from hgrn_megatron.pretrain.trainer import TrainingAborted, train
 
     try:

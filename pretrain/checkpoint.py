@@ -14,7 +14,6 @@ checks out and falls back to older ones, with a warning, when the newest is torn
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hgrn_megatron.tokenizer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- RNG

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from hgrn_megatron.pretrain.data.config import DataConfig
-from hgrn_megatron.tokenizer.config import TokenizerConfig
 from pydantic import Field, model_validator
 
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.config_base import ConfigError, ConfigNode
+from hgrn_megatron.pretrain.data.config import DataConfig
+from hgrn_megatron.tokenizer.config import TokenizerConfig
 
 
 # ---------------------------------------------------------------- training loop

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from hgrn_megatron.pretrain.config import RunConfig
-from hgrn_megatron.pretrain.distributed import MegatronMpu
 
 from hgrn_megatron.model import build_model, no_weight_decay
+from hgrn_megatron.pretrain.config import RunConfig
+from hgrn_megatron.pretrain.distributed import MegatronMpu
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -84,7 +84,7 @@ class MetricsWriter:
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{prefix}/{key}", value, step)
             self.tb.flush()
 

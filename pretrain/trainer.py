@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from hgrn_megatron.pretrain import EXIT_OK, EXIT_REQUEUE
 from hgrn_megatron.pretrain import checkpoint as ckpt_io
 from hgrn_megatron.pretrain.config import RunConfig, dump_config
@@ -81,11 +82,11 @@ def _data_totals(stats: dict, dp_group) -> dict:
 
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
-    from hgrn_megatron.pretrain.data import TrainLoader, build_validation_batches, merge_data_states
-    from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
     from megatron.core import parallel_state as ps
 
-    from hgrn_megatron.flops import flops_per_token
+    from hgrn_megatron.flops import count_parameters, flops_per_token
+    from hgrn_megatron.pretrain.data import TrainLoader, build_validation_batches, merge_data_states
+    from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
 
     # ------------------------------------------------------------ set-up
     init_distributed(cfg.parallel.backend)
@@ -144,7 +145,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     inject = set(cfg.train.inject_nonfinite_at_steps)
     zero0 = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
     if rank == 0:
-        n_params = sum(p.numel() for p in engine.module.parameters()) * tp
+        n_params = count_parameters(cfg.model, padded_vocab)  # this rank's shard x TP would count replicas
         log.info(
             "training %s: ~%.1fM parameters, world %d (tp %d x dp %d), ZeRO %d, %s, micro %d x accum %d, seq %d",
             cfg.model.preset or "custom", n_params / 1e6, world, tp, dp_size, cfg.parallel.zero_stage,

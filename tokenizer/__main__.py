@@ -11,10 +11,9 @@ import json
 import logging
 import sys
 
+from hgrn_megatron.config_base import ConfigError
 from hgrn_megatron.tokenizer.config import TokenizerTrainConfig
 from hgrn_megatron.tokenizer.model import Tokenizer, TokenizerError, vocab_padding
-
-from hgrn_megatron.config_base import ConfigError
 
 
 def _train(args) -> int:

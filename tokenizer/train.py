@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+from tqdm import tqdm
+
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.shards import (
     RecordParser,
@@ -37,7 +39,6 @@ from hgrn_megatron.tokenizer.model import (
     Tokenizer,
     sha256_file,
 )
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

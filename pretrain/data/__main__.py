@@ -17,6 +17,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from hgrn_megatron.pretrain.data.shards import (
     UNKNOWN_SOURCE,
     BadRecord,
@@ -27,7 +29,6 @@ from hgrn_megatron.pretrain.data.shards import (
     resolve_shards,
     shard_display_names,
 )
-from tqdm import tqdm
 
 ENCODE_BATCH_DOCS = 64
 EXAMPLES_PER_KIND = 3

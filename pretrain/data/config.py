@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from hgrn_megatron.pretrain.data.shards import DataError, resolve_shards, shard_display_names
 from pydantic import Field, model_validator
 
 from hgrn_megatron.config_base import ConfigNode
+from hgrn_megatron.pretrain.data.shards import DataError, resolve_shards, shard_display_names
 
 
 class ShardGroupConfig(ConfigNode):

@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 import numpy as np
+
 from hgrn_megatron.pretrain.data.config import DataConfig
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.packing import LaneGroup, PackingSpec

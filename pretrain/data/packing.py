@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.mixture import Mixture
 from hgrn_megatron.pretrain.data.shards import (

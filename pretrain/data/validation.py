@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+
 from hgrn_megatron.pretrain.data.config import DataConfig
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.shards import RecordParser, SkipWarner, iter_documents, shard_display_names

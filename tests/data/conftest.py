@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 from data_harness import ASSETS, write_corpus
+
 from hgrn_megatron.tokenizer import Tokenizer
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
+
 from hgrn_megatron.pretrain.data import DataConfig, TrainLoader, merge_data_states
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from data_harness import ASSETS, record, write_zst
+
 from hgrn_megatron.pretrain.data.__main__ import main
 
 

@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 from data_harness import data_config, record, run_ranks, write_corpus, write_zst
+
 from hgrn_megatron.pretrain.data import DataError, TrainLoader
 from hgrn_megatron.pretrain.data.loader import build_packing_spec
 from hgrn_megatron.pretrain.data.packing import LaneGroup, fresh_lane_state

@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from data_harness import data_config, record, run_ranks, write_zst
+
 from hgrn_megatron.pretrain.data import DataConfig
 from hgrn_megatron.pretrain.data.mixture import Mixture
 

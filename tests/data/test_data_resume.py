@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from data_harness import data_config, run_ranks
+
 from hgrn_megatron.pretrain.data import DataError, TrainLoader, merge_data_states
 
 S, MB, TOTAL = 32, 2, 320

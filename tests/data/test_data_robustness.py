@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zstandard
 from data_harness import data_config, make_text, record, run_ranks, write_zst
+
 from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader, flatten_stats
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.mixture import Mixture

@@ -7,6 +7,7 @@ import random
 import pytest
 import zstandard
 from data_harness import WORDS, record, write_zst
+
 from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.shards import (
     BadRecord,

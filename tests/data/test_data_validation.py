@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from data_harness import ASSETS, data_config
+
 from hgrn_megatron.pretrain.data import build_validation_batches
 from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents
 

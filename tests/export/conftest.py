@@ -12,6 +12,7 @@ ASSET_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "toke
 def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     """The shipped test tokenizer, or (before one ships) a 512-piece BPE model trained on the sample text."""
     from export_harness import text_shards
+
     from hgrn_megatron.tokenizer import Tokenizer, train_tokenizer
 
     if (ASSET_TOKENIZER / "tokenizer.model").is_file():

@@ -61,13 +61,13 @@ def train_and_checkpoint(spec: dict) -> dict | None:
     spec['run_dir'] and return (rank 0) the native model's logits, per-token loss and greedy continuation."""
     import deepspeed
     import torch.distributed as dist
-    from hgrn_megatron.pretrain.checkpoint import save_checkpoint
-    from hgrn_megatron.pretrain.distributed import MegatronMpu, init_model_parallel
-    from hgrn_megatron.tokenizer import padded_vocab_size
     from megatron.core import parallel_state as ps
 
     from hgrn_megatron.config import ModelConfig
     from hgrn_megatron.model import build_model
+    from hgrn_megatron.pretrain.checkpoint import save_checkpoint
+    from hgrn_megatron.pretrain.distributed import MegatronMpu, init_model_parallel
+    from hgrn_megatron.tokenizer import padded_vocab_size
 
     tp, zero, vocab = spec["tp"], spec["zero"], spec["vocab_size"]
     init_model_parallel(tp)
@@ -145,12 +145,11 @@ def write_module_checkpoint(spec: dict) -> dict:
     """A checkpoint in the framework's layout without DeepSpeed's optimizer shards (as ZeRO 0 writes it): the
     native TP = 1 model's state dict under `module` in `ds/mp_rank_00_model_states.pt`. Returns the native
     model's logits on `probe_tokens`. Runs on one gloo rank (megatron needs a process group)."""
+    from hgrn_megatron.config import ModelConfig
+    from hgrn_megatron.model import build_model
     from hgrn_megatron.pretrain.checkpoint import atomic_write_bytes, step_dir_name, write_manifest
     from hgrn_megatron.pretrain.distributed import init_model_parallel
     from hgrn_megatron.tokenizer import padded_vocab_size
-
-    from hgrn_megatron.config import ModelConfig
-    from hgrn_megatron.model import build_model
 
     init_model_parallel(1)
     vocab = spec["vocab_size"]

@@ -124,8 +124,9 @@ def test_runs_without_the_framework_installed(tmp_path, default_run):
 
 
 def test_tokenizer_gives_our_ids_and_text(tmp_path, default_run, tokenizer_dir, sample_texts):
-    from hgrn_megatron.tokenizer import Tokenizer
     from transformers import AutoTokenizer
+
+    from hgrn_megatron.tokenizer import Tokenizer
 
     run_dir, _ = default_run
     out = tmp_path / "hf"
@@ -143,10 +144,10 @@ def test_tokenizer_gives_our_ids_and_text(tmp_path, default_run, tokenizer_dir, 
 def test_tokenizer_files_for_each_model_type(tmp_path, model_type, sample_texts):
     """The exported tokenizer is verified id for id on write: BPE as a fast tokenizer (no remote code);
     unigram, whose fast lattice can match control and byte pieces written in text, through SentencePiece."""
-    from hgrn_megatron.tokenizer import train_tokenizer
     from transformers import AutoTokenizer
 
     from hgrn_megatron.export.tokenizer_files import write_tokenizer_files
+    from hgrn_megatron.tokenizer import train_tokenizer
 
     tok = train_tokenizer(text_shards()[:1], tmp_path / "tok", vocab_size=400, model_type=model_type,
                           sample_chars=200_000, character_coverage=0.995, progress=False)

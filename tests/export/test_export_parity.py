@@ -30,8 +30,9 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def exported(request, tmp_path_factory, tokenizer_dir):
     """(native reference outputs, exported model) for one case."""
-    from hgrn_megatron.tokenizer import Tokenizer
     from transformers import AutoModelForCausalLM
+
+    from hgrn_megatron.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_dir)
     run_dir = tmp_path_factory.mktemp(request.param)

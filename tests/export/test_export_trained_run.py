@@ -55,10 +55,11 @@ def trained_run(tmp_path_factory):
 def test_exported_model_reproduces_the_trainers_validation_loss(trained_run, tmp_path):
     import json
 
+    from transformers import AutoModelForCausalLM
+
     from hgrn_megatron.pretrain.config import RunConfig
     from hgrn_megatron.pretrain.data import build_validation_batches
     from hgrn_megatron.tokenizer import Tokenizer
-    from transformers import AutoModelForCausalLM
 
     run_dir = Path(trained_run["run_dir"])
     out = tmp_path / "hf"

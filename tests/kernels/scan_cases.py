@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import torch
+
 from hgrn_megatron.kernels import hgrn_scan_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}

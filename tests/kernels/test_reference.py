@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from hgrn_megatron.kernels import hgrn_scan_reference
 
 

@@ -1,6 +1,7 @@
 """The public entry point: input checks (messages name the argument and what was expected) and dispatch."""
 import pytest
 import torch
+
 from hgrn_megatron.kernels import BACKENDS, hgrn_scan, hgrn_scan_reference
 from hgrn_megatron.kernels.scan import _resolve_backend
 

@@ -3,9 +3,10 @@ import functools
 
 import pytest
 import torch
+from scan_cases import TOLERANCE, Case, assert_close_to_reference, make_inputs, reference, run
+
 from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
 from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
-from scan_cases import TOLERANCE, Case, assert_close_to_reference, make_inputs, reference, run
 
 CASES = [
     Case(2, 63, 17),

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from hgrn_megatron.pretrain.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]

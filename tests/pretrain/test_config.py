@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from hgrn_megatron.pretrain import EXIT_CONFIG_ERROR
 from hgrn_megatron.pretrain.__main__ import main
 from hgrn_megatron.pretrain.config import load_config

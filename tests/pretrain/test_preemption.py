@@ -11,8 +11,8 @@ import time
 
 import pytest
 import yaml
-from hgrn_megatron.pretrain import EXIT_OK, EXIT_REQUEUE
 
+from hgrn_megatron.pretrain import EXIT_OK, EXIT_REQUEUE
 from hgrn_megatron.testing.distributed import free_port
 
 from .conftest import read_losses

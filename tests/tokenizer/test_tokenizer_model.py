@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents
 from hgrn_megatron.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, padded_vocab_size, vocab_padding
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+
 from hgrn_megatron.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from hgrn_megatron.tokenizer.__main__ import main
 
