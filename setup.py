@@ -42,7 +42,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"hgrn_megatron": ["export/hf_files/*.py"]},
+    package_data={"hgrn_megatron": ["export/hf_files/*.py"], "hgrn_megatron.kernels": ["*.cpp"]},
     # torch is listed without a pin: launch/setup_env.sh installs the CPU build (torch==2.13.0) on machines
     # without CUDA *before* this package, so pip never resolves a bare `torch` to a CUDA build there.
     install_requires=[

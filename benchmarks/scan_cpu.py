@@ -1,4 +1,5 @@
-"""CPU benchmark: the vectorised torch scan against the float64 reference loop, forward + backward, one process.
+"""CPU benchmark: the fused CPU kernel and the vectorised torch scan against the float64 reference loop,
+forward + backward, one process.
 
     python benchmarks/scan_cpu.py                         # B=4, T=4096, D=512, fp32, real and complex
     python benchmarks/scan_cpu.py --chunk-sizes 32 64 128 # also compare chunk sizes of the torch path
@@ -8,7 +9,7 @@
 Runs alternate (reference, torch, reference, torch, ...) so that load from other processes hits both alike;
 the figure reported is the ratio of medians, of wall-clock time and of this process's CPU time (user + system,
 which includes page faults; with --threads 1 it is the stable figure on a shared machine).
-Goal (issue 3): torch path >= 20x the reference, fwd+bwd.
+Goal: the CPU training path (backend "auto" on CPU: the fused kernel) >= 20x the reference, fwd+bwd.
 
 On a shared machine, OpenMP's default spin-waiting makes every parallel op wait for a descheduled sibling
 thread; the torch path issues a few hundred such ops per call, so it can slow down tenfold. Compare
@@ -27,6 +28,7 @@ import time
 import torch
 
 from hgrn_megatron.kernels import hgrn_scan_reference
+from hgrn_megatron.kernels.cpu_scan import cpu_scan, cpu_scan_available
 from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
 
 
@@ -59,6 +61,8 @@ def bench_variant(B, T, D, complex_mode, repeats, chunk_sizes) -> dict:
         return hgrn_scan_reference(x, g, theta=theta)[0]
 
     candidates = {"reference": reference}
+    if cpu_scan_available():
+        candidates["cpu (fused)"] = lambda x, g, theta: cpu_scan(x, g, theta=theta)[0]
     for L in chunk_sizes:
         candidates[f"torch L={L}"] = lambda x, g, theta, L=L: torch_scan(x, g, theta=theta, chunk_size=L)[0]
     for fn in candidates.values():  # warm-up: first calls pay one-off costs

@@ -6,10 +6,11 @@ import warnings
 
 import torch
 
+from .cpu_scan import cpu_scan_library, cpu_scan, cpu_scan_available
 from .naive import hgrn_scan_reference
 from .torch_scan import torch_scan
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -36,12 +37,13 @@ def hgrn_scan(
         output_final_state: also return the state after the last token.
         reset: bool `[B, T]`, True at the first token of each packed document: the state is cleared
             before that token's update (h_t = x_t), so documents never see each other.
-        backend: "reference" (float64 loop, the ground truth), "torch" (vectorised, any device),
-            "triton" (chunked kernels; CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA,
-            torch elsewhere).
+        backend: "reference" (float64 loop, the ground truth), "cpu" (fused compiled kernel, CPU tensors),
+            "torch" (vectorised torch ops, any device), "triton" (chunked kernels; CUDA, or CPU under
+            TRITON_INTERPRET=1), "auto" (triton on CUDA, cpu on CPU when its kernel builds, else torch).
         check_values: verify `g <= 0` and not NaN (one pass over g). None (default): check CPU tensors,
             skip on accelerators, where reading the answer back would stall the launch queue.
-        chunk_size: tokens per chunk for the torch / triton backends (None: their default).
+        chunk_size: tokens per chunk for the torch / triton backends (None: their default; the cpu backend
+            has no chunks).
 
     Returns:
         `(h, h_last)`: h has x's shape and dtype (the state is accumulated in fp32, or fp64 for fp64
@@ -65,6 +67,9 @@ def hgrn_scan(
     if backend == "reference":
         h, h_last = hgrn_scan_reference(x, g, theta=theta, initial_state=initial_state, reset=reset)
         return h.to(x.dtype), (h_last.float() if output_final_state else None)
+    if backend == "cpu":
+        return cpu_scan(x, g, theta=theta, initial_state=initial_state, output_final_state=output_final_state,
+                        reset=reset)
     if backend == "torch":
         return torch_scan(x, g, theta=theta, initial_state=initial_state, output_final_state=output_final_state,
                           reset=reset, chunk_size=chunk_size)
@@ -132,6 +137,8 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"hgrn_scan: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if x.device.type == "cpu":
+            return "cpu" if cpu_scan_available() else "torch"
         if x.device.type != "cuda":
             return "torch"
         try:
@@ -142,6 +149,10 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
                 _warned_auto_fallback = True
             return "torch"
         return "triton"
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise RuntimeError(f"hgrn_scan: backend='cpu' needs CPU tensors (got device {x.device}); use 'auto'")
+        cpu_scan_library()  # raises RuntimeError with the compiler's message if the kernel cannot be built
     if backend == "triton":
         try:
             import triton  # noqa: F401

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hgrn_megatron.kernels import hgrn_scan_reference
+from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -36,6 +36,28 @@ class Case:
         if self.chunk_size:
             parts.append(f"L{self.chunk_size}")
         return "-".join(parts)
+
+
+# The grid for the CPU backends (torch and cpu): every option, ragged T and D, B = 1, T = 1, narrow dtypes.
+CPU_CASES = [
+    Case(2, 63, 17),
+    Case(2, 63, 17, complex=True),
+    Case(2, 64, 16, initial=True, final="also", chunk_size=8),
+    Case(2, 100, 9, complex=True, initial=True, final="also", chunk_size=8),
+    Case(3, 257, 5, initial=True, final="also", reset="random"),
+    Case(3, 257, 5, complex=True, initial=True, final="also", reset="random"),
+    Case(2, 50, 7, initial=True, reset="edges", chunk_size=4),
+    Case(2, 50, 7, complex=True, initial=True, final="also", reset="edges", chunk_size=4),
+    Case(2, 31, 3, complex=True, initial=True, final="only", chunk_size=4),
+    Case(2, 12, 4, initial=True, final="also", reset="all", chunk_size=4),
+    Case(1, 1, 5, complex=True, initial=True, final="also"),
+    Case(1, 1, 1, initial=True, final="also"),
+    Case(1, 7, 33),
+    Case(2, 130, 24, initial=True, final="also", reset="random", dtype=torch.bfloat16),
+    Case(2, 130, 24, complex=True, initial=True, final="also", reset="edges", dtype=torch.bfloat16),
+    Case(2, 70, 16, complex=True, initial=True, final="also", dtype=torch.float16, chunk_size=8),
+]
+
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
@@ -126,3 +148,56 @@ def assert_close_to_reference(out: dict, ref: dict, tol: float) -> None:
         errors[name] = relative_error(out[name], ref[name])
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= tol}
     assert not bad, f"relative error above {tol:.0e}: {bad} (all: { {k: f'{v:.1e}' for k, v in errors.items()} })"
+
+
+def gradcheck_scan(scan, complex_mode: bool) -> bool:
+    """`torch.autograd.gradcheck` in float64 of `scan(x, g, theta=, initial_state=, reset=, output_final_state=True)`
+    at B=2, T=11, D=3 with an initial state, a reset at t = 0 and two consecutive resets."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, D = 2, 11, 3
+    x = torch.randn((B, T, D, 2) if complex_mode else (B, T, D), generator=gen, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, D, generator=gen, dtype=torch.float64))
+    h0 = torch.randn((B, D, 2) if complex_mode else (B, D), generator=gen, dtype=torch.float64)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[0, 0] = reset[1, 4] = reset[1, 5] = True
+    inputs = [x, g, h0] + ([torch.randn(D, generator=gen, dtype=torch.float64)] if complex_mode else [])
+    inputs = [t.requires_grad_() for t in inputs]
+
+    def fn(x, g, h0, theta=None):
+        return scan(x, g, theta=theta, initial_state=h0, reset=reset, output_final_state=True)
+
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def check_long_sequence(backend: str, complex_mode: bool) -> None:
+    """T = 65,536 with decays at both extremes: finite, equal to the float64 loop at sampled positions, and
+    fp32 gradients equal to the same backend's float64 gradients (float64 itself is covered by gradcheck)."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, D = 1, 65536, 6
+    x = torch.randn((B, T, D, 2) if complex_mode else (B, T, D), generator=gen)
+    # Channel pairs: decay ~ 1 (g = -1e-6 .. -1e-4), decay ~ 0 (g down to -80), and a mixture in time.
+    near_one = -10 ** (-6 + 2 * torch.rand(B, T, 2, generator=gen))
+    near_zero = -80 * torch.rand(B, T, 2, generator=gen)
+    mixed = torch.where(torch.rand(B, T, 2, generator=gen) < 0.5, near_one, near_zero)
+    g = torch.cat([near_one, near_zero, mixed], dim=-1)
+    theta = torch.linspace(-3, 3, D) if complex_mode else None
+    h, h_last = hgrn_scan(x, g, theta=theta, output_final_state=True, backend=backend)
+    assert torch.isfinite(h).all() and torch.isfinite(h_last).all()
+    with torch.no_grad():
+        ref, ref_last = hgrn_scan_reference(x, g, theta=theta)
+    positions = torch.cat([torch.arange(0, T, 997), torch.tensor([T - 1])])
+    tol = TOLERANCE[torch.float32]
+    assert (h[:, positions].double() - ref[:, positions]).norm() <= tol * ref[:, positions].norm()
+    assert (h_last.double() - ref_last).norm() <= tol * ref_last.norm()
+
+    def grads(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, g)]
+        th = theta.detach().to(dtype).requires_grad_() if complex_mode else None
+        out, last = hgrn_scan(leaves[0], leaves[1], theta=th, output_final_state=True, backend=backend)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+        ((out * w).sum() + last.sum()).backward()
+        return [t.grad for t in leaves] + ([th.grad] if complex_mode else [])
+
+    for got, want in zip(grads(torch.float32), grads(torch.float64)):
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).norm() <= tol * want.norm()

@@ -65,9 +65,9 @@ def test_inputs_must_share_a_device():
 
 def test_backend_names_and_resolution(monkeypatch):
     x, g = _inputs()
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'torch', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'torch', 'triton'\)"):
         hgrn_scan(x, g, backend="cuda")
-    assert _resolve_backend("auto", x) == "torch"  # CPU tensors
+    assert _resolve_backend("auto", x) == "cpu"  # CPU tensors (the fused kernel builds here)
     # Import triton while the interpreter is still selected: triton reads the variable when first imported.
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -93,7 +93,7 @@ def test_output_contract(backend, dtype):
     assert hgrn_scan(x, g, theta=theta, backend=backend)[1] is None
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)])
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton_interpret)])
 def test_non_contiguous_inputs(backend):
     """Sequence-first activations transposed to batch-first views, and a strided θ, as a caller may pass them."""
     T, B, D = 37, 2, 5

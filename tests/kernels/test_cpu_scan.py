@@ -1,0 +1,116 @@
+"""The fused CPU kernel against the float64 reference: values, gradients, gradcheck, long sequences, threading,
+its exp, and the fallback when no compiler can build it."""
+import functools
+import math
+
+import pytest
+import torch
+from scan_cases import (
+    CPU_CASES,
+    TOLERANCE,
+    assert_close_to_reference,
+    check_long_sequence,
+    gradcheck_scan,
+    make_inputs,
+    reference,
+    run,
+)
+
+from hgrn_megatron.kernels import cpu_scan as cpu_scan_module
+from hgrn_megatron.kernels import hgrn_scan
+from hgrn_megatron.kernels.cpu_scan import cpu_scan
+from hgrn_megatron.kernels.scan import _resolve_backend
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+def test_cpu_matches_reference(case):
+    inputs = make_inputs(case)
+    scan = functools.partial(hgrn_scan, backend="cpu", output_final_state=bool(case.final))
+    out = run(scan, case, inputs)
+    assert out["h"].dtype == case.dtype
+    assert out["dx"].dtype == case.dtype and out["dg"].dtype == case.dtype
+    if case.final:
+        assert out["h_last"].dtype == torch.float32
+    assert_close_to_reference(out, reference(case, inputs), TOLERANCE[case.dtype])
+
+
+@pytest.mark.parametrize("variant", ["real", "complex"])
+def test_cpu_gradcheck_float64(variant):
+    assert gradcheck_scan(cpu_scan, complex_mode=variant == "complex")
+
+
+@pytest.mark.parametrize("variant", ["real", "complex"])
+def test_cpu_long_sequence_is_stable(variant):
+    check_long_sequence("cpu", complex_mode=variant == "complex")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpu_results_do_not_depend_on_threads(B, restore_threads):
+    """Work items (batch row x channel block) never share data, so 1 and 4 threads give identical bits; with
+    4 threads D = 200 is cut into ragged blocks (50 + ... or 67 + 67 + 66) that must join up exactly."""
+    case = dict(B=B, T=45, D=200)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 45, 200, 2, generator=gen)
+    g = torch.nn.functional.logsigmoid(2 + torch.randn(B, 45, 200, generator=gen))
+    theta = torch.randn(200, generator=gen)
+    h0 = torch.randn(B, 200, 2, generator=gen)
+    reset = torch.rand(B, 45, generator=gen) < 0.1
+
+    def outputs(threads):
+        torch.set_num_threads(threads)
+        leaves = [t.clone().requires_grad_() for t in (x, g, theta, h0)]
+        h, last = cpu_scan(leaves[0], leaves[1], theta=leaves[2], initial_state=leaves[3], reset=reset,
+                           output_final_state=True)
+        (h * torch.cos(torch.arange(h.numel()).view(h.shape))).sum().add(last.sum()).backward()
+        return [h, last] + [t.grad for t in leaves]
+
+    one, four = outputs(1), outputs(4)
+    for name, a, b in zip(["h", "h_last", "dx", "dg", "dtheta", "dh0"], one, four):
+        if name == "dtheta":  # a sum over batch rows: the only value whose summation order may follow blocks
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (case, name)
+        else:
+            assert torch.equal(a, b), (case, name)
+
+
+def test_cpu_decay_is_exp_to_float_precision():
+    """The kernel's own exp (a vectorisable polynomial): one step from h0 = 1 with x = 0 gives h = exp(g).
+    Covers the whole fp32 range down to the clamp (-87), below it (exactly 0) and g = -inf (exactly 0)."""
+    g = torch.cat([-torch.logspace(-8, math.log10(87.0), 4001), torch.tensor([-87.5, -100.0, -float("inf")])])
+    D = g.numel()
+    h, _ = hgrn_scan(torch.zeros(1, 1, D), g.view(1, 1, D), initial_state=torch.ones(1, D), backend="cpu")
+    want = torch.exp(g.double())
+    inside = g >= -87.0
+    rel = ((h.view(-1)[inside].double() - want[inside]) / want[inside]).abs()
+    assert rel.max() <= 3 * 2 ** -24, rel.max()  # within a few ulp of float32
+    assert torch.equal(h.view(-1)[~inside], torch.zeros(int((~inside).sum())))
+
+
+def test_auto_uses_the_cpu_kernel_on_cpu():
+    x = torch.randn(2, 4, 3)
+    assert _resolve_backend("auto", x) == "cpu"
+    with pytest.raises(RuntimeError, match=r"backend='cpu' needs CPU tensors \(got device meta\)"):
+        _resolve_backend("cpu", x.to("meta"))
+
+
+def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch, tmp_path):
+    """A real failed build (CXX points to no compiler, in an empty extensions directory): 'auto' warns once and
+    uses the torch path; an explicit backend='cpu' raises with the compiler error."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(cpu_scan_module, "_warned_unavailable", False)
+    cpu_scan_module.cpu_scan_library.cache_clear()
+    try:
+        x = torch.randn(1, 5, 3)
+        with pytest.warns(UserWarning, match="could not build the fused CPU kernel.*uses the slower torch path"):
+            assert _resolve_backend("auto", x) == "torch"
+        with pytest.raises(RuntimeError, match="could not build the fused CPU kernel"):
+            hgrn_scan(x, torch.zeros(1, 5, 3), backend="cpu")
+    finally:
+        cpu_scan_module.cpu_scan_library.cache_clear()
