@@ -40,7 +40,7 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_scan_library() -> ctypes.CDLL:
     """Build (or find in the extensions cache) and load the kernel library; raises RuntimeError on failure."""
     from torch.utils import cpp_extension

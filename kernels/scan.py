@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .cpu_scan import cpu_scan_library, cpu_scan, cpu_scan_available
+from .cpu_scan import cpu_scan, cpu_scan_available, cpu_scan_library
 from .naive import hgrn_scan_reference
 from .torch_scan import torch_scan
 
