@@ -67,13 +67,14 @@ def _step_without_update(engine) -> None:
         del optimizer.step
 
 
-def _data_totals(stats: dict, dp_group) -> dict:
-    """Documents read and bad records skipped (by kind), summed over data-parallel ranks."""
+def _data_totals(loader, dp_group) -> dict:
+    """Documents read and bad records skipped (by kind) over all data-parallel ranks, each lane counted once."""
     from hgrn_megatron.pretrain.data import SKIP_KINDS
 
-    kinds = stats.get("skipped_by_kind", {})
-    t = torch.tensor([stats["documents"]] + [kinds.get(k, 0) for k in SKIP_KINDS], dtype=torch.float64)
-    dist.all_reduce(t, group=dp_group)
+    stats = loader.stats()
+    per_lane = torch.from_numpy(loader.lane_counts(SKIP_KINDS))
+    dist.all_reduce(per_lane, op=dist.ReduceOp.MAX, group=dp_group)
+    t = per_lane.sum(dim=0)
     out = {"data_documents": int(t[0]), "data_skipped_records": int(t[1:].sum())}
     out.update({f"data_skipped/{k}": int(v) for k, v in zip(SKIP_KINDS, t[1:].tolist()) if v})
     out["data_loader_tokens_per_s"] = stats.get("loader_tokens_per_s")
@@ -226,7 +227,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
             if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = interval_steps * cfg.train.global_batch_size * seq / max(elapsed, 1e-9)
-                data_totals = _data_totals(loader.stats(), ps.get_data_parallel_group())
+                data_totals = _data_totals(loader, ps.get_data_parallel_group())
                 record = {
                     "split": "train", "step": step, "total_steps": cfg.train.steps,
                     "loss": float(np.mean(interval_losses)) if interval_losses else float("nan"),

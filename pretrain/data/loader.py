@@ -270,11 +270,24 @@ class TrainLoader:
             "lanes": lanes,
         }
 
+    def lane_counts(self, kinds: tuple[str, ...]) -> np.ndarray:
+        """[lanes, 1 + len(kinds)]: documents and skipped records of each kind, per lane; zeros for lanes this
+        rank does not read. A lane's counts only grow as it is read, so the element-wise max over ranks is the
+        global count even when ranks share lanes (data.lanes not a multiple of DP): the rank furthest along a
+        shared lane has counted everything the others have. A plain sum would count shared lanes twice."""
+        out = np.zeros((self.spec.lanes, 1 + len(kinds)), dtype=np.float64)
+        for lane in self.lanes:
+            summary = self._counters[lane].summary()
+            by_kind = summary.get("skipped_by_kind", {})
+            out[lane] = [summary["documents"]] + [by_kind.get(kind, 0) for kind in kinds]
+        return out
+
     def stats(self) -> dict:
         """Counts over this rank's lanes (documents, tokens, skips by kind/shard/source) and loader speed.
 
         Counts cover everything the lanes read since the start of training (they travel in the state). With
-        data.lanes a multiple of the DP size, the sum over ranks is the global count.
+        data.lanes a multiple of the DP size, the sum over ranks is the global count (otherwise combine
+        `lane_counts` over ranks).
         """
         out = DataCounters.total(self._counters.values()).summary()
         passes = [s["doc_pass"] for s in self._snapshots.values() if s["doc"] is not None] or [0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from hgrn_megatron.pretrain.data import DataConfig, TrainLoader, merge_data_states
+from hgrn_megatron.pretrain.data import SKIP_KINDS, DataConfig, TrainLoader, merge_data_states
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SHARED_PILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "pile-sample"
@@ -63,7 +63,8 @@ def data_config(shards, **overrides) -> DataConfig:
 def run_ranks(cfg: DataConfig, tokenizer, seq_length: int, mb: int, dp: int, steps: int, state=None, workers=None):
     """Run `dp` rank loaders (in this process) for `steps` micro-batches each.
 
-    Returns (tokens [n, S+1], doc_start [n, S+1]) in global sample order, the merged state and per-rank stats.
+    Returns (tokens [n, S+1], doc_start [n, S+1]) in global sample order, the merged state and per-rank stats
+    (each with its `lane_counts`).
     """
     if workers is not None:
         cfg = cfg.model_copy(update={"num_workers": workers})
@@ -73,7 +74,7 @@ def run_ranks(cfg: DataConfig, tokenizer, seq_length: int, mb: int, dp: int, ste
         try:
             batches = [next(loader) for _ in range(steps)]
             states.append(loader.state_dict())
-            stats.append(loader.stats())
+            stats.append({**loader.stats(), "lane_counts": loader.lane_counts(SKIP_KINDS)})
         finally:
             loader.close()
         toks = np.concatenate([b["tokens"].numpy() for b in batches])

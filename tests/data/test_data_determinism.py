@@ -37,6 +37,13 @@ def test_sequence_is_identical_for_any_dp_and_worker_count(reference, tokenizer,
     if 8 % dp == 0:  # ranks own disjoint lanes: their counts add up to the single-rank count
         for key in ("documents", "document_tokens", "skipped_total", "dropped_by_mixture"):
             assert sum(s[key] for s in stats) == ref_stats[key], key
+    # Per-lane counts combined as the trainer does (max over ranks): exact also when ranks share lanes
+    # (DP 3 over 8 lanes: every rank reads every lane, none of them to the end of all).
+    per_lane = np.max([s["lane_counts"] for s in stats], axis=0)
+    assert per_lane[:, 0].sum() == ref_stats["documents"]
+    assert per_lane[:, 1:].sum() == ref_stats["skipped_total"]
+    if 8 % dp:
+        assert sum(s["documents"] for s in stats) > ref_stats["documents"]  # what a plain sum would report
 
 
 def test_samples_are_contiguous_document_text(reference, tokenizer):

@@ -50,6 +50,23 @@ def test_two_ranks_match_one_rank(run_tree, baseline_losses, zero_stage, tp):
     assert losses[6] < losses[1]
 
 
+def test_ranks_sharing_lanes_count_each_document_once(tmp_path):
+    """data.lanes = 3 at DP 2: both ranks read every lane. The samples, hence the losses, and the documents
+    reported per step are those of one rank; a plain sum over ranks would report about twice as many."""
+    from .conftest import tiny_run_tree
+
+    def documents(tree):
+        records = [json.loads(line) for line in open(tree["run_dir"] + "/metrics.jsonl")]
+        return {r["step"]: r["data_documents"] for r in records if r["split"] == "train"}
+
+    one = tiny_run_tree(tmp_path / "dp1", data={"lanes": 3}, train={"steps": 4})
+    two = tiny_run_tree(tmp_path / "dp2", data={"lanes": 3}, train={"steps": 4})
+    assert run(one, 1) == (0, 4) and run(two, 2) == (0, 4)
+    assert documents(two) == documents(one) and documents(one)[4] > 0
+    ref, got = read_losses(one["run_dir"]), read_losses(two["run_dir"])
+    assert all(abs(got[step] - ref[step]) <= 1e-5 for step in ref), (got, ref)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage,tp", [(2, 1), (1, 2)], ids=["dp2-zero2", "tp2-zero1"])
 def test_resume_is_bit_exact(tmp_path, zero_stage, tp):
