@@ -52,8 +52,9 @@ class ModelConfig(ConfigNode):
         description="Clear the recurrent state (attention baseline: block the attention) at each document "
         "start given by the data pipeline's doc_start mask. Off: one stream per sequence, as in the paper.",
     )
-    scan_backend: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="hgrn_scan backend: auto = Triton on CUDA tensors, the torch path otherwise."
+    scan_backend: Literal["auto", "cpu", "torch", "triton"] = Field(
+        "auto", description="hgrn_scan backend: auto = Triton on CUDA tensors, the fused CPU kernel on CPU "
+        "(the torch path where no C++ compiler can build it)."
     )
 
     # ---------------------------------------------------------------- shared by both mixers
