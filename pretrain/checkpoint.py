@@ -154,14 +154,45 @@ def resolve_checkpoint_arg(resume: str, ckpt_root: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- save
-def universal_checkpoint_info() -> dict:
-    """What DeepSpeed's universal-checkpoint converter needs to know about our parameters."""
+def universal_checkpoint_info(param_names: list[str], vocab_size: int) -> dict:
+    """How DeepSpeed's universal-checkpoint converter merges each parameter's TP shards (and the optimizer
+    state beside it) into one tensor, from `hgrn_megatron.tp_rules`; loading re-splits them for any TP size.
+
+    Default: concatenate along dim 0 (column-parallel weights, per-channel HGRU vectors). Listed: row-parallel
+    weights and the lower-bound table (dim 1), the SwiGLU fc1 ([gate_r; up_r] per rank: two sub-parameters),
+    the vocabulary (padding stripped to `vocab_size`, re-padded for the new TP size), replicated tensors
+    (must agree across ranks). Patterns are exact names: the converter's strict mode rejects unused ones.
+    """
     from deepspeed.checkpoint.constants import (
+        PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0,
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+        TP_REPLICATED_PARAMETER_PATTERNS,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        VOCABULARY_PARAMETER_PATTERNS,
     )
 
-    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    from hgrn_megatron.tp_rules import rule_for
+
+    groups = {TP_REPLICATED_PARAMETER_PATTERNS: [], PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [],
+              PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [], VOCABULARY_PARAMETER_PATTERNS: []}
+    for name in param_names:
+        rule = rule_for(name)
+        pattern = re.escape(name) + "$"
+        if rule.kind == "replicated":
+            groups[TP_REPLICATED_PARAMETER_PATTERNS].append(pattern)
+        elif rule.kind == "vocab":
+            groups[VOCABULARY_PARAMETER_PATTERNS].append(pattern)
+        elif rule.stride == 2 and rule.dim == 0:
+            groups[PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0].append(pattern)
+        elif rule.stride != 1:
+            raise ValueError(f"universal checkpoint: no DeepSpeed merge for '{name}' (stride {rule.stride})")
+        elif rule.dim == 1:
+            groups[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS].append(pattern)
+    info = {key: patterns for key, patterns in groups.items() if patterns}
+    info[UNIVERSAL_CHECKPOINT_VERSION_KEY] = UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    info["original_vocab_size"] = vocab_size
+    return info
 
 
 def save_checkpoint(
@@ -180,9 +211,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(
-        str(tmp), tag=DS_TAG, client_state={UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info()}, save_latest=False
-    )
+    names = [name for name, _ in engine.module.named_parameters()]
+    info = universal_checkpoint_info(names, run_state["vocab_size"])
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={UNIVERSAL_CHECKPOINT_INFO: info}, save_latest=False)
     atomic_torch_save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     if rank == 0:
         atomic_torch_save(data_state, tmp / "data_state.pt")

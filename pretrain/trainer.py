@@ -114,9 +114,14 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
             f"{ckpt_dir}: trained with tokenizer sha256 {run_state['tokenizer_sha256'][:12]}..., but "
             f"{cfg.tokenizer.model} has {tokenizer.sha256[:12]}...; resume with the same tokenizer"
         )
-    universal = bool(run_state) and run_state["dp_size"] != dp_size
-    if universal and run_state["tp_size"] != tp:
-        raise TrainingAborted(f"{ckpt_dir}: changing TP ({run_state['tp_size']} -> {tp}) on resume is not supported")
+    # Another DP or TP size goes through DeepSpeed's universal (layout-free) checkpoint; TP merges need the
+    # per-parameter rules that checkpoints record since run-state format 2.
+    universal = bool(run_state) and (run_state["dp_size"], run_state["tp_size"]) != (dp_size, tp)
+    if universal and run_state["tp_size"] != tp and run_state.get("format", 1) < 2:
+        raise TrainingAborted(
+            f"{ckpt_dir}: changing TP ({run_state['tp_size']} -> {tp}) needs a checkpoint that records its TP merge "
+            "rules (saved by this version); resume it at its own TP size once and save again"
+        )
 
     engine = build_engine(cfg, padded_vocab, dp_size, load_universal=universal)
     _seed_rank_rngs(cfg.train.seed, rank, 0)
@@ -128,7 +133,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
         data_state = ckpt_io.load_data_state(ckpt_dir)
         if universal:
             _seed_rank_rngs(cfg.train.seed, rank, step)
-        log.info("resumed from %s at step %d (%s)", ckpt_dir, step, "universal: new DP size" if universal else "exact")
+        log.info("resumed from %s at step %d (%s)", ckpt_dir, step, "universal: new DP/TP size" if universal else "exact")
 
     seq = cfg.model.seq_length
     mb, ga = cfg.train.micro_batch_size, cfg.grad_accumulation_steps(dp_size)
@@ -158,6 +163,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
         dist.all_gather_object(states, (tp_rank, loader.state_dict()))
         data_global = merge_data_states([s for t, s in states if t == 0])
         run_state_out = {
+            "format": 2,  # 2: the DeepSpeed checkpoint records TP merge rules (a TP change can resume from it)
             "step": at_step, "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * seq,
             "world_size": world, "dp_size": dp_size, "tp_size": tp, "zero_stage": cfg.parallel.zero_stage,
             "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,48 @@ def test_resume_at_smaller_data_parallel_size(tmp_path, zero_stage, tp):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
     state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "run_state.json").read_text())
     assert state["consumed_samples"] == 24 and state["dp_size"] == 1
+
+
+@pytest.mark.parametrize("before,after", [((1, 1), (2, 1)), ((2, 2), (2, 1))],
+                         ids=["tp1-to-tp2", "tp2dp1-to-tp1dp2"])
+def test_resume_at_another_tensor_parallel_size(tmp_path, before, after):
+    """A checkpoint saved at one TP size resumes at another (through DeepSpeed's universal format, with the
+    merge rules of `tp_rules`): steps 4-6 match the uninterrupted TP 1 run, optimizer state included."""
+    from .conftest import tiny_run_tree
+
+    (world_before, tp_before), (world_after, tp_after) = before, after
+    common = dict(schedule={"decay_steps": 6})
+    straight = tiny_run_tree(tmp_path / "straight", **common)
+    assert run(straight, 1) == (0, 6)
+    split = tiny_run_tree(tmp_path / "split", **common, train={"steps": 3},
+                          parallel={"tensor_parallel_size": tp_before})
+    assert run(split, world_before) == (0, 3)
+    split["train"]["steps"] = 6
+    split["parallel"]["tensor_parallel_size"] = tp_after
+    assert run(split, world_after) == (0, 6)
+    got, ref = read_losses(split["run_dir"]), read_losses(straight["run_dir"])
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "run_state.json").read_text())
+    assert state["tp_size"] == tp_after and state["consumed_samples"] == 24
+
+
+def test_tp_change_from_a_checkpoint_without_merge_rules_is_refused(run_tree):
+    """Checkpoints from before the rules were recorded (run-state format 1) resume only at their own TP size."""
+    from hgrn_megatron.pretrain.checkpoint import write_manifest
+
+    tree = run_tree(train={"steps": 2})
+    assert run(tree, 1) == (0, 2)
+    ckpt = next((Path(tree["run_dir"]) / "checkpoints").glob("step-*"))
+    state = json.loads((ckpt / "run_state.json").read_text())
+    del state["format"]
+    (ckpt / "run_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)
+    tree["train"]["steps"] = 3
+    tree["parallel"] = {"tensor_parallel_size": 2}
+    with pytest.raises(DistributedTestError, match=r"changing TP \(1 -> 2\) needs a checkpoint that records"):
+        run(tree, 2)
 
 
 def test_resume_falls_back_past_torn_checkpoints(run_tree):
