@@ -44,11 +44,12 @@ from common import (
     init_single_rank,
     machine_info,
     run_config,
-    saved_tensor_bytes,
     spread,
     synthetic_tokens,
     timed_step,
 )
+
+from hgrn_megatron.testing.memory import saved_tensor_bytes
 
 MIXERS = ("hgrn", "attention")
 KIB = 1024

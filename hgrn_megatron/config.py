@@ -67,6 +67,17 @@ class ModelConfig(ConfigNode):
     share_embeddings_and_output_weights: bool = Field(False, description="Tie the input embedding and LM head.")
     rotary_base: int = Field(10000, gt=0, description="RoPE base of the attention baseline.")
 
+    # ---------------------------------------------------------------- activation recompute (not the model)
+    recompute_granularity: Literal["full"] | None = Field(
+        None, description="'full': keep only each recomputed block's input in the forward pass and run the block "
+        "again in the backward (megatron-core's activation checkpointing); None: keep every activation."
+    )
+    recompute_method: Literal["uniform", "block"] = Field(
+        "uniform", description="uniform: every layer, in groups of recompute_num_layers (one input kept per "
+        "group); block: only the first recompute_num_layers layers."
+    )
+    recompute_num_layers: int = Field(1, gt=0, description="Group size (uniform) or layer count (block).")
+
     @model_validator(mode="before")
     @classmethod
     def _fill_from_preset(cls, data: Any) -> Any:
@@ -91,6 +102,10 @@ class ModelConfig(ConfigNode):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
+            )
+        if self.recompute_granularity and self.recompute_num_layers > self.num_layers:
+            raise ValueError(
+                f"recompute_num_layers ({self.recompute_num_layers}) exceeds num_layers ({self.num_layers})"
             )
         return self
 

@@ -69,6 +69,9 @@ def transformer_config_from(
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method if cfg.recompute_granularity else None,
+        recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity else None,
     )
 
 

@@ -73,6 +73,12 @@ def patch_for_cpu() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     import importlib
 
+    # megatron's activation recompute saves and restores the CUDA RNG state around each recomputed block (for
+    # dropout); without CUDA there is none, and the CPU state it also saves is the one that matters.
+    megatron_random = importlib.import_module("megatron.core.tensor_parallel.random")
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
     try:
         # `import deepspeed.comm.torch as m` would bind the *torch* package (deepspeed.comm imports torch).
         ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
