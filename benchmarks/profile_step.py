@@ -49,7 +49,8 @@ def _backward_node(event) -> str | None:
 
 # Backward nodes of the project's own autograd Functions, which the forward frame does not always name.
 OWN_NODES = {"CpuScanFunctionBackward": "kernels/cpu_scan.py", "TorchScanFunctionBackward": "kernels/torch_scan.py",
-             "TritonScanFunctionBackward": "kernels/triton_scan.py", "_ForgetGateBackward": "hgrn_megatron/hgru.py"}
+             "TritonScanFunctionBackward": "kernels/triton_scan.py", "_ForgetGateBackward": "hgrn_megatron/hgru_ops.py",
+             "_GatedInputBackward": "hgrn_megatron/hgru_ops.py", "_GatedNormBackward": "hgrn_megatron/hgru_ops.py"}
 
 
 def component(op: str, location: str) -> str:

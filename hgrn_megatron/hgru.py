@@ -37,6 +37,7 @@ from megatron.core.transformer.utils import (
 )
 
 from hgrn_megatron import kernels
+from hgrn_megatron.hgru_ops import forget_gate, gated_input, gated_norm
 
 
 # ------------------------------------------------------------------------------------------ TP-aware norm
@@ -149,63 +150,6 @@ class HGRUOptions:
         return 2 * hidden_size if self.variant == "complex" else self.expand_ratio * hidden_size
 
 
-def forget_gate(f: torch.Tensor, lower_bound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(log λ, 1 − λ)` for λ = γ + (1 − γ)·σ(f), in fp32, without ever rounding λ itself.
-
-    1 − λ = (1 − γ)·σ(−f) exactly. log λ takes whichever form is accurate: log1p(−(1 − λ)) when λ > 1/2 (λ
-    within an ulp of 1 still gives the right tiny log λ, where `log` of a rounded λ would give 0), and
-    logaddexp(log γ, log(1 − γ) + logσ(f)) otherwise (accurate for small λ, and never above log 1/2, so the
-    scan's log gate stays <= 0). γ = None means γ = 0. Differentiable in f and γ (see `_ForgetGate`).
-    """
-    return _ForgetGate.apply(f.float(), None if lower_bound is None else lower_bound.float())
-
-
-def _forget_gate_values(f: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of `forget_gate` (fp32 f and γ), reusing its temporaries."""
-    one_minus_lambda = torch.sigmoid(-f)
-    if gamma is None:
-        log_lambda = F.logsigmoid(f)
-    else:
-        one_minus_lambda.mul_(1.0 - gamma)
-        # γ > 0 in every layer that has one (softmax weights are positive); the clamp only guards underflow.
-        log_gamma = torch.log(gamma.clamp_min(torch.finfo(torch.float32).tiny))
-        log_lambda = F.logsigmoid(f).add_(torch.log1p(-gamma))
-        torch.logaddexp(log_gamma, log_lambda, out=log_lambda)
-    near_one = one_minus_lambda.clamp(max=0.5).neg_().log1p_()  # the clamp keeps the unused branch finite
-    return torch.where(one_minus_lambda < 0.5, near_one, log_lambda), one_minus_lambda
-
-
-class _ForgetGate(torch.autograd.Function):
-    """`forget_gate` with a hand-written backward that saves only f (and γ).
-
-    Autograd through the two-branch forward would save about eight token-sized tensors and run some twenty
-    elementwise passes backward; the derivatives have a short closed form. With s = σ(−f), q = (1 − γ)σ(f),
-    λ = γ + q:  d log λ/df = s·q/λ,  d(1 − λ)/df = −s·q,  d log λ/dγ = s/λ,  d(1 − λ)/dγ = −s.
-    q/λ is taken as 1 where γ = σ(f) = 0 (its limit; the division would give 0/0).
-    """
-
-    @staticmethod
-    def forward(ctx, f, gamma):
-        ctx.save_for_backward(f, gamma)
-        return _forget_gate_values(f, gamma)
-
-    @staticmethod
-    def backward(ctx, d_log_lambda, d_one_minus_lambda):
-        f, gamma = ctx.saved_tensors
-        s = torch.sigmoid(-f)
-        q = torch.sigmoid(f)
-        if gamma is None:  # λ = σ(f)
-            return torch.addcmul(d_log_lambda, q, d_one_minus_lambda, value=-1).mul_(s), None
-        q.mul_(1.0 - gamma)
-        lam = q + gamma
-        df = torch.div(q, lam).nan_to_num_(nan=1.0).mul_(d_log_lambda).addcmul_(q, d_one_minus_lambda, value=-1)
-        df.mul_(s)
-        d_gamma = None
-        if ctx.needs_input_grad[1]:
-            d_gamma = torch.div(d_log_lambda, lam).sub_(d_one_minus_lambda).mul_(s).sum_to_size(gamma.shape)
-        return df, d_gamma
-
-
 class HGRU(MegatronModule):
     """The HGRU token mixer in megatron's attention slot: `[s, b, d] -> ([s, b, d], bias | None)`.
 
@@ -297,15 +241,13 @@ class HGRU(MegatronModule):
         inputs, _ = self.linear_in(x_in)  # [b, s, features/tp]
         forget, _ = self.linear_forget(x_in)  # [b, s, channels/tp]
         log_lambda, one_minus_lambda = forget_gate(forget, self.lower_bound())
-        x = F.silu(inputs.float())
+        x = gated_input(inputs, one_minus_lambda)  # silu(i)·(1 − λ), (re, im) of a channel share its gate
         if self.theta is not None:
-            x = x.view(b, s, self.local_width, 2) * one_minus_lambda.unsqueeze(-1)  # (re, im) per channel
-        else:
-            x = x * one_minus_lambda
+            x = x.view(b, s, self.local_width, 2)
         # `forget_gate` guarantees log λ <= 0, so the scan's value check (a pass over the gate) is skipped; a
         # NaN reaches the loss, where the trainer's non-finite check skips the step.
         h, _ = kernels.hgrn_scan(
-            x.to(dtype),
+            x,
             log_lambda,
             theta=None if self.theta is None else self.theta.float(),
             reset=reset,
@@ -314,10 +256,13 @@ class HGRU(MegatronModule):
         )
         h = h.reshape(b, s, -1)  # [b, s, features/tp], channel-major (re, im)
 
-        y = self.norm(h)
-        if self.linear_gate is not None:
+        if self.linear_gate is None:
+            y = self.norm(h)
+        else:
             gate, _ = self.linear_gate(x_in)
-            y = y * F.silu(gate.float())
+            # One fused step that saves h and the gate only (the norm's own parameters and statistics).
+            y = gated_norm(h, gate, self.norm.weight, self.norm.bias, self.norm.eps,
+                           tp_group=self.norm.tp_group, hidden_size=self.norm.hidden_size)
         output, bias = self.linear_out(y.to(dtype))  # [b, s, d]
         # megatron's layout [s, b, d] as a view; its bias-dropout-add writes the residual sum in its own layout.
         return output.transpose(0, 1), bias

@@ -3,7 +3,7 @@ import pytest
 import torch
 from model_harness import batch, build, init_model_parallel, tiny_config
 
-from hgrn_megatron.hgru import forget_gate
+from hgrn_megatron.hgru_ops import forget_gate
 from hgrn_megatron.testing.distributed import run_distributed
 
 

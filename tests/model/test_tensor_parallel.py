@@ -38,9 +38,10 @@ def _forward_backward(cfg, full_state, identity_norm_backward=False):
     rank = init_model_parallel()
     if identity_norm_backward:
         # What megatron's reduce_from_tensor_model_parallel_region does: a sum forward, identity backward.
-        from hgrn_megatron import hgru
+        from hgrn_megatron import hgru, hgru_ops
 
-        hgru._SumOverTP.backward = staticmethod(lambda ctx, grad: (grad, None))
+        hgru._SumOverTP.backward = staticmethod(lambda ctx, grad: (grad, None))  # TPFeatureNorm (no gate)
+        hgru_ops._sum_backward_statistics = lambda stats, group: stats  # the fused gated norm
     model = build(cfg, seed=0)
     initial_state = tensors_of(model.state_dict())
     if full_state is not None:
