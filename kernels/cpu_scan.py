@@ -41,9 +41,19 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
-@functools.cache
 def cpu_scan_library() -> ctypes.CDLL:
-    """Build (or find in the extensions cache) and load the kernel library; raises RuntimeError on failure."""
+    """The kernel library, built (or found in the extensions cache) and loaded on the first call; raises
+    RuntimeError saying why when it cannot be built."""
+    lib = _build_library()
+    if isinstance(lib, str):
+        raise RuntimeError(lib)
+    return lib
+
+
+@functools.cache
+def _build_library() -> ctypes.CDLL | str:
+    """The loaded library, or the reason it could not be built: a failure is remembered too, so that a
+    machine without a compiler tries once, not at every scan."""
     from torch.utils import cpp_extension
 
     name = f"hgrn_cpu_scan_{_cpu_fingerprint()}"
@@ -60,7 +70,7 @@ def cpu_scan_library() -> ctypes.CDLL:
             detail = [line for line in str(err).splitlines() if line.strip()][-2:]  # the compiler's verdict
             errors.append(f"{' '.join(arch_flags) or 'generic'}: {' / '.join(detail)}")
     else:
-        raise RuntimeError("hgrn_scan: could not build the fused CPU kernel (" + "; ".join(errors) + ")")
+        return "hgrn_scan: could not build the fused CPU kernel (" + "; ".join(errors) + ")"
     lib = ctypes.CDLL(path)
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"hgrn_cpu_scan_forward_{suffix}")

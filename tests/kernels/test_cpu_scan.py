@@ -2,6 +2,7 @@
 its exp, and the fallback when no compiler can build it."""
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -105,12 +106,18 @@ def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     monkeypatch.setattr(cpu_scan_module, "_warned_unavailable", False)
-    cpu_scan_module.cpu_scan_library.cache_clear()
+    cpu_scan_module._build_library.cache_clear()
     try:
         x = torch.randn(1, 5, 3)
-        with pytest.warns(UserWarning, match="could not build the fused CPU kernel.*uses the slower torch path"):
+        with pytest.warns(UserWarning, match=r"(?s)could not build the fused CPU kernel.*uses the slower torch path"):
             assert _resolve_backend("auto", x) == "torch"
         with pytest.raises(RuntimeError, match="could not build the fused CPU kernel"):
             hgrn_scan(x, torch.zeros(1, 5, 3), backend="cpu")
+        # The failure is remembered: later calls neither rebuild nor warn again.
+        monkeypatch.setenv("CXX", "c++")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _resolve_backend("auto", x) == "torch"
+        assert cpu_scan_module._build_library.cache_info().misses == 1
     finally:
-        cpu_scan_module.cpu_scan_library.cache_clear()
+        cpu_scan_module._build_library.cache_clear()
