@@ -28,7 +28,7 @@ import time
 import torch
 
 from hgrn_megatron.kernels import hgrn_scan_reference
-from hgrn_megatron.kernels.cpu_scan import cpu_scan, cpu_scan_available
+from hgrn_megatron.kernels.cpu_scan import cpu_scan, cpu_scan_available, cpu_scan_library
 from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
 
 
@@ -54,23 +54,50 @@ def time_fwd_bwd(fn, x, g, theta, grad) -> tuple[float, float, float]:
     return mid - start, end - start, cpu_end - cpu_start
 
 
+def kernel_into_buffers(x, g, theta, grad):
+    """A timer of the fused kernel alone, called directly into output buffers allocated once: what it costs
+    without autograd and without first-touch page faults of fresh outputs (which `cpu (fused)` pays)."""
+    lib = cpu_scan_library()
+    B, T, D = g.shape
+    xs, gs, dout = x.detach().contiguous(), g.detach().contiguous(), grad.contiguous()
+    cos_sin = (theta.detach().double().cos(), theta.detach().double().sin()) if theta is not None else (None, None)
+    h, dx, dg = torch.empty_like(xs), torch.empty_like(xs), torch.empty_like(gs)
+    dtheta_rows = torch.empty(B, D, dtype=torch.float64)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+
+    def timer(*_):
+        threads = torch.get_num_threads()
+        cpu_start, start = time.process_time(), time.perf_counter()
+        lib.hgrn_cpu_scan_forward_f32(ptr(xs), ptr(gs), ptr(cos_sin[0]), ptr(cos_sin[1]), None, None, ptr(h),
+                                      B, T, D, threads)
+        mid = time.perf_counter()
+        lib.hgrn_cpu_scan_backward_f32(ptr(gs), ptr(cos_sin[0]), ptr(cos_sin[1]), None, ptr(h), None, ptr(dout),
+                                       None, ptr(dx), ptr(dg), None, ptr(dtheta_rows), B, T, D, threads)
+        end, cpu_end = time.perf_counter(), time.process_time()
+        return mid - start, end - start, cpu_end - cpu_start
+
+    return timer
+
+
 def bench_variant(B, T, D, complex_mode, repeats, chunk_sizes) -> dict:
     x, g, theta, grad = make_inputs(B, T, D, complex_mode)
 
-    def reference(x, g, theta):
-        return hgrn_scan_reference(x, g, theta=theta)[0]
+    def autograd_timer(fn):
+        return lambda x, g, theta, grad: time_fwd_bwd(fn, x, g, theta, grad)
 
-    candidates = {"reference": reference}
+    timers = {"reference": autograd_timer(lambda x, g, theta: hgrn_scan_reference(x, g, theta=theta)[0])}
     if cpu_scan_available():
-        candidates["cpu (fused)"] = lambda x, g, theta: cpu_scan(x, g, theta=theta)[0]
+        timers["cpu (fused)"] = autograd_timer(lambda x, g, theta: cpu_scan(x, g, theta=theta)[0])
+        timers["cpu kernel alone, outputs reused"] = kernel_into_buffers(x, g, theta, grad)
     for L in chunk_sizes:
-        candidates[f"torch L={L}"] = lambda x, g, theta, L=L: torch_scan(x, g, theta=theta, chunk_size=L)[0]
-    for fn in candidates.values():  # warm-up: first calls pay one-off costs
-        time_fwd_bwd(fn, x, g, theta, grad)
-    samples = {name: [] for name in candidates}
+        timers[f"torch L={L}"] = autograd_timer(
+            lambda x, g, theta, L=L: torch_scan(x, g, theta=theta, chunk_size=L)[0])
+    for timer in timers.values():  # warm-up: first calls pay one-off costs
+        timer(x, g, theta, grad)
+    samples = {name: [] for name in timers}
     for _ in range(repeats):
-        for name, fn in candidates.items():
-            samples[name].append(time_fwd_bwd(fn, x, g, theta, grad))
+        for name, timer in timers.items():
+            samples[name].append(timer(x, g, theta, grad))
     result = {}
     for name, runs in samples.items():
         result[name] = {"fwd_ms": 1e3 * statistics.median(r[0] for r in runs),
