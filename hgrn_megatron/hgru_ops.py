@@ -9,6 +9,8 @@ bytes (activation memory is what bounds the micro-batch), on CPU in fp32 about h
 - `gated_input(i, 1 − λ)`: silu(i)·(1 − λ), the scan's input.
 - `gated_norm(h, gate, weight, bias)`: Norm(h)·silu(gate), the output before W_o (features may be split
   over TP ranks: the statistics are all-reduced forward and backward).
+
+On CUDA the gated input and (at TP = 1) the gated norm run as single-pass Triton kernels (`hgru_ops_triton.py`).
 """
 from __future__ import annotations
 
@@ -79,12 +81,26 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _triton_functions(t: torch.Tensor):
+    """`hgru_ops_triton` for CUDA tensors when Triton is importable, else None (the torch Functions below)."""
+    if not t.is_cuda:
+        return None
+    try:
+        from hgrn_megatron import hgru_ops_triton
+    except ImportError:
+        return None
+    return hgru_ops_triton
+
+
 def gated_input(inputs: torch.Tensor, one_minus_lambda: torch.Tensor) -> torch.Tensor:
     """x = silu(inputs)·(1 − λ) in fp32, returned in `inputs`' dtype.
 
     inputs: `[..., features]`; one_minus_lambda: fp32 `[..., channels]` with features = channels (real variant)
     or 2·channels (complex: (re, im) of a channel share its gate). Saves inputs and 1 − λ only.
     """
+    fused = _triton_functions(inputs)
+    if fused is not None:
+        return fused.GatedInputTriton.apply(inputs, one_minus_lambda)
     return _GatedInput.apply(inputs, one_minus_lambda)
 
 
@@ -118,6 +134,9 @@ def gated_norm(h: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias: 
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
+    fused = _triton_functions(h) if tp_group is None else None
+    if fused is not None:
+        return fused.GatedNormTriton.apply(h, gate, weight, bias, eps)
     return _GatedNorm.apply(h, gate, weight, bias, eps, tp_group, hidden_size or h.shape[-1])
 
 
