@@ -192,7 +192,8 @@ def time_shape(shape, copy_gbps: float, sweep: bool) -> dict:
         row["rows"].append(entry)
         return entry
 
-    configs = RUN["sweep"] if sweep else [{}]
+    # Both forward designs at the default blocks (the single pass reads x and g once; see triton_scan.py).
+    configs = (RUN["sweep"] if sweep else [{"forward": "three_kernels"}]) + [{"forward": "single_pass"}]
     best = None
     for cfg in configs:
         if cfg.get("block_d", 0) > triton_pow2(D):
@@ -272,7 +273,8 @@ def compile_only(sm: int, variants: str = "all") -> int:
     else:
         combos = [(c, dt, r) for c in (False, True) for dt in ("bf16", "fp32") for r in (False, True)]
     kernels = [ts.chunk_hgrn_fwd_kernel_summary, ts.chunk_hgrn_fwd_kernel_carry, ts.chunk_hgrn_fwd_kernel_output,
-               ts.chunk_hgrn_bwd_kernel_summary, ts.chunk_hgrn_bwd_kernel_carry, ts.chunk_hgrn_bwd_kernel_grads]
+               ts.chunk_hgrn_fwd_kernel_single_pass, ts.chunk_hgrn_bwd_kernel_summary,
+               ts.chunk_hgrn_bwd_kernel_carry, ts.chunk_hgrn_bwd_kernel_grads]
     for complex_mode, dt, has_reset in combos:
         constants = dict(D=2048, BT=64, BD=64, NTB=64, COMPLEX=complex_mode, HAS_RESET=has_reset, HAS_INITIAL=True,
                          STORE_FINAL=True, HAS_FINAL_GRAD=True)

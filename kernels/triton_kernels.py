@@ -255,6 +255,62 @@ def chunk_hgrn_fwd_kernel_output(x, g, theta, reset, entering, out, T, D: tl.con
     _store_pair(out, (i_b * T + o_t[:, None]) * D + o_d[None, :], b_hr, b_hi, mask, COMPLEX)
 
 
+@triton.jit(do_not_specialize=["T", "NT"])
+def chunk_hgrn_fwd_kernel_single_pass(x, g, theta, reset, h0, entering, out, ht, T, NT, D: tl.constexpr,
+                                      BT: tl.constexpr, BD: tl.constexpr, COMPLEX: tl.constexpr,
+                                      HAS_RESET: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                                      STORE_FINAL: tl.constexpr):
+    """The whole forward in one pass, grid (ND, B): each program walks its channel block's chunks in order,
+    carrying the state, so x and g are read once (the summary/carry/output kernels read them twice). It also
+    writes the entering state of every chunk, which the backward kernels need.
+
+    The state enters a chunk through exp(Σ log-gate) e^{inθ} (`_apply_segment`), not through the product of
+    the chunk's rounded decays. The carried state itself is float64 from chunk to chunk (a [BD] vector): a
+    sequential carry in fp32 compounds one rounding per chunk, which at T = 65,536 put the complex final state
+    1.1e-5 off (the three-kernel carry combines chunks as a tree and stays at 2e-6). Parallel over B·ND
+    programs only: for few of them the three-kernel path is faster (the launcher chooses).
+    """
+    i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = tl.arange(0, BT)
+    b_th, b_cos, b_sin = _theta(theta, o_d, m_d, COMPLEX, BD)
+    b_thc = tl.zeros([BT, BD], dtype=tl.float32) + b_th[None, :]
+    b_th64 = b_th.to(tl.float64)
+    b_sr = tl.zeros([BD], dtype=tl.float64)
+    b_si = tl.zeros([BD], dtype=tl.float64)
+    if HAS_INITIAL:
+        b_sr, b_si = _load_pair(h0, i_b * D + o_d, m_d, COMPLEX)
+        b_sr, b_si = b_sr.to(tl.float64), b_si.to(tl.float64)
+    for i_t in range(NT):
+        o_t = i_t * BT + o_row.to(tl.int64)
+        b_sr32, b_si32 = b_sr.to(tl.float32), b_si.to(tl.float32)
+        _store_pair(entering, (i_b * NT + i_t) * D + o_d, b_sr32, b_si32, m_d, COMPLEX)
+        b_ar, b_ai, b_lg = _decays(g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D, COMPLEX, HAS_RESET, False)
+        b_xr, b_xi = _load_values(x, i_b, o_t, o_d, m_d, T, D, COMPLEX)
+        _, _, b_lr, b_li = _scan(b_ar, b_ai, b_xr, b_xi, COMPLEX, False)  # from a zero state
+        # Rotating steps since the chunk began, frozen past T (padding rows carry the identity decay).
+        n_valid = tl.minimum(T - i_t * BT, BT)
+        b_steps = tl.zeros([BT, BD], dtype=tl.float32) + tl.minimum(o_row + 1, n_valid).to(tl.float32)[:, None]
+        b_hr, b_hi = _apply_segment(tl.cumsum(b_lg, axis=0), b_steps, b_thc, b_lr, b_li, b_sr32, b_si32, COMPLEX)
+        mask = (o_t < T)[:, None] & m_d[None, :]
+        _store_pair(out, (i_b * T + o_t[:, None]) * D + o_d[None, :], b_hr, b_hi, mask, COMPLEX)
+        # The state after the chunk, in float64: the local end state (rows past T scanned identities) plus
+        # exp(Σ log-gate) e^{i n θ} times the entering state.
+        b_decay = tl.exp(tl.sum(b_lg.to(tl.float64), axis=0))
+        b_end_r = _row(b_lr, o_row, BT - 1).to(tl.float64)
+        b_end_i = _row(b_li, o_row, BT - 1).to(tl.float64)
+        if COMPLEX:
+            b_c = tl.cos(n_valid * b_th64)
+            b_s = tl.sin(n_valid * b_th64)
+            b_sr, b_si = (b_end_r + b_decay * (b_c * b_sr - b_s * b_si),
+                          b_end_i + b_decay * (b_c * b_si + b_s * b_sr))
+        else:
+            b_sr = b_end_r + b_decay * b_sr
+    if STORE_FINAL:
+        _store_pair(ht, i_b * D + o_d, b_sr.to(tl.float32), b_si.to(tl.float32), m_d, COMPLEX)
+
+
 @triton.jit
 def _reverse_inputs(do, g, reset, b_cos, b_sin, i_b, o_t, o_d, m_d, T, D: tl.constexpr,
                     COMPLEX: tl.constexpr, HAS_RESET: tl.constexpr):

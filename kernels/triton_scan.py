@@ -1,6 +1,7 @@
 """The Triton path of `hgrn_scan`: launches the kernels of `triton_kernels.py` and wires them into autograd.
 
-Forward: summary -> carry -> output; it saves only the inputs and the per-chunk entering states
+Forward: summary -> carry -> output, or one single-pass kernel when there are enough channel blocks to fill
+the device (`_single_pass_forward`); either saves only the inputs and the per-chunk entering states
 ([B, T/BT, D], fp32). Backward: summary -> carry -> grads, recomputing what it needs from those.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .triton_kernels import (
     chunk_hgrn_bwd_kernel_summary,
     chunk_hgrn_fwd_kernel_carry,
     chunk_hgrn_fwd_kernel_output,
+    chunk_hgrn_fwd_kernel_single_pass,
     chunk_hgrn_fwd_kernel_summary,
 )
 
@@ -44,7 +46,8 @@ class TritonScanFunction(torch.autograd.Function):
     """Autograd wrapper around the chunked kernels; inputs already checked by `hgrn_scan`."""
 
     @staticmethod
-    def forward(ctx, x, g, theta, initial_state, reset, output_final_state, chunk_size, block_d, num_warps):
+    def forward(ctx, x, g, theta, initial_state, reset, output_final_state, chunk_size, block_d, num_warps,
+                forward):
         complex_mode = theta is not None
         B, T, D = g.shape
         BT, BD = _config(D, chunk_size, block_d)
@@ -56,17 +59,24 @@ class TritonScanFunction(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         flags = dict(COMPLEX=complex_mode, HAS_RESET=reset is not None, num_warps=num_warps)
 
-        chunk_lg = x.new_empty(B, NT, D, dtype=torch.float32)
-        chunk_h = x.new_empty(B, NT, D, C, dtype=torch.float32)
-        chunk_hgrn_fwd_kernel_summary[(NT, ND, B)](x, g, theta, reset_u8, chunk_lg, chunk_h, T, D, BT, BD, **flags)
-        entering = torch.empty_like(chunk_h)
+        entering = x.new_empty(B, NT, D, C, dtype=torch.float32)
         h_last = x.new_empty(B, D, C, dtype=torch.float32) if output_final_state else None
-        BDC, NTB = _carry_config(D, NT)
-        chunk_hgrn_fwd_kernel_carry[(triton.cdiv(D, BDC), B)](
-            chunk_lg, chunk_h, theta, h0, entering, h_last, T, NT, D, BT, BDC, NTB, COMPLEX=complex_mode,
-            HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, num_warps=4)
         out = torch.empty_like(x)
-        chunk_hgrn_fwd_kernel_output[(NT, ND, B)](x, g, theta, reset_u8, entering, out, T, D, BT, BD, **flags)
+        if _single_pass_forward(forward, B * ND, NT, x.device):
+            chunk_hgrn_fwd_kernel_single_pass[(ND, B)](
+                x, g, theta, reset_u8, h0, entering, out, h_last, T, NT, D, BT, BD, HAS_INITIAL=h0 is not None,
+                STORE_FINAL=output_final_state, **flags)
+        else:
+            chunk_lg = x.new_empty(B, NT, D, dtype=torch.float32)
+            chunk_h = torch.empty_like(entering)
+            chunk_hgrn_fwd_kernel_summary[(NT, ND, B)](x, g, theta, reset_u8, chunk_lg, chunk_h, T, D, BT, BD,
+                                                       **flags)
+            BDC, NTB = _carry_config(D, NT)
+            chunk_hgrn_fwd_kernel_carry[(triton.cdiv(D, BDC), B)](
+                chunk_lg, chunk_h, theta, h0, entering, h_last, T, NT, D, BT, BDC, NTB, COMPLEX=complex_mode,
+                HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, num_warps=4)
+            chunk_hgrn_fwd_kernel_output[(NT, ND, B)](x, g, theta, reset_u8, entering, out, T, D, BT, BD,
+                                                      **flags)
 
         ctx.save_for_backward(x, g, theta, reset_u8, entering)
         ctx.config = (BT, BD, num_warps)
@@ -107,11 +117,26 @@ class TritonScanFunction(torch.autograd.Function):
         dtheta = dtheta_part.sum(dim=(0, 1)).to(theta.dtype) if complex_mode else None
         if dh0 is not None:
             dh0 = (dh0 if complex_mode else dh0.view(B, D)).to(ctx.initial_dtype)
-        return dx, dg, dtheta, dh0, None, None, None, None, None
+        return dx, dg, dtheta, dh0, None, None, None, None, None, None
+
+
+def _single_pass_forward(forward: str, programs: int, chunks: int, device: torch.device) -> bool:
+    """The single-pass forward has B·ND programs, each walking its chunks in order; the three-kernel forward
+    has B·ND·NT in its parallel kernels but reads x and g twice. "auto": single pass once there are a few
+    programs per SM and more than one chunk to walk (a heuristic still to be tuned on a GPU:
+    benchmarks/scan_gpu.py times both)."""
+    if forward not in ("auto", "single_pass", "three_kernels"):
+        raise ValueError(f"triton scan: forward must be 'auto', 'single_pass' or 'three_kernels', got {forward!r}")
+    if forward != "auto":
+        return forward == "single_pass"
+    if device.type != "cuda":
+        return False
+    return chunks > 1 and programs >= 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def triton_scan(x, g, *, theta=None, initial_state=None, output_final_state=False, reset=None,
-                chunk_size=None, block_d=None, num_warps=4):
-    """Chunked Triton path of `hgrn_scan` (same contract; inputs are assumed checked)."""
+                chunk_size=None, block_d=None, num_warps=4, forward="auto"):
+    """Chunked Triton path of `hgrn_scan` (same contract; inputs are assumed checked). `forward`: "auto",
+    "single_pass" or "three_kernels" (the backward is the same for both)."""
     return TritonScanFunction.apply(x, g, theta, initial_state, reset, output_final_state, chunk_size, block_d,
-                                    num_warps)
+                                    num_warps, forward)

@@ -44,16 +44,17 @@ CASES = [
 ]
 
 
-def _scan(case):
+def _scan(case, forward="three_kernels"):
     block = {} if case.chunk_size else {"chunk_size": 16, "block_d": 8}
-    return functools.partial(triton_scan, output_final_state=bool(case.final),
+    return functools.partial(triton_scan, output_final_state=bool(case.final), forward=forward,
                              chunk_size=case.chunk_size or block["chunk_size"], block_d=block.get("block_d"))
 
 
+@pytest.mark.parametrize("forward", ["three_kernels", "single_pass"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_triton_matches_reference(case):
+def test_triton_matches_reference(case, forward):
     inputs = make_inputs(case)
-    out = run(_scan(case), case, inputs)
+    out = run(_scan(case, forward), case, inputs)
     assert out["h"].dtype == case.dtype and out["dx"].dtype == case.dtype and out["dg"].dtype == case.dtype
     assert_close_to_reference(out, reference(case, inputs), TOLERANCE[case.dtype])
 
@@ -76,10 +77,11 @@ def _long_inputs(T, D, complex_mode, seed=3):
     return x, g, theta
 
 
-def _check_long(T, complex_mode, chunk_size):
+def _check_long(T, complex_mode, chunk_size, forward="three_kernels"):
     """Finite, and the float64 loop's values at sampled positions, with decays near 1 and near 0."""
     x, g, theta = _long_inputs(T, 4, complex_mode)
-    h, h_last = triton_scan(x, g, theta=theta, output_final_state=True, chunk_size=chunk_size, block_d=4)
+    h, h_last = triton_scan(x, g, theta=theta, output_final_state=True, chunk_size=chunk_size, block_d=4,
+                            forward=forward)
     assert torch.isfinite(h).all() and torch.isfinite(h_last).all()
     with torch.no_grad():
         ref, ref_last = hgrn_scan_reference(x, g, theta=theta)
@@ -90,15 +92,17 @@ def _check_long(T, complex_mode, chunk_size):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("forward", ["three_kernels", "single_pass"])
 @pytest.mark.parametrize("variant", ["real", "complex"])
-def test_triton_long_sequence_is_stable(variant):
-    _check_long(4096, variant == "complex", chunk_size=16)  # 256 chunks: four carry blocks
+def test_triton_long_sequence_is_stable(variant, forward):
+    _check_long(4096, variant == "complex", chunk_size=16, forward=forward)  # 256 chunks: four carry blocks
 
 
 @pytest.mark.heavy
+@pytest.mark.parametrize("forward", ["three_kernels", "single_pass"])
 @pytest.mark.parametrize("variant", ["real", "complex"])
-def test_triton_65536_tokens_is_stable(variant):
-    _check_long(65536, variant == "complex", chunk_size=64)
+def test_triton_65536_tokens_is_stable(variant, forward):
+    _check_long(65536, variant == "complex", chunk_size=64, forward=forward)
 
 
 def _lower_to_sm90(variants):
@@ -116,12 +120,12 @@ def _lower_to_sm90(variants):
 @pytest.mark.slow
 def test_triton_kernels_lower_to_sm90_cubin():
     """The complex variant with resets and both states: every code path but the real combine."""
-    assert "compiled 6 kernel variants to sm_90 cubin" in _lower_to_sm90("core")
+    assert "compiled 7 kernel variants to sm_90 cubin" in _lower_to_sm90("core")
 
 
 @pytest.mark.heavy
 def test_triton_all_kernel_variants_lower_to_sm90_cubin():
-    assert "compiled 48 kernel variants to sm_90 cubin" in _lower_to_sm90("all")
+    assert "compiled 56 kernel variants to sm_90 cubin" in _lower_to_sm90("all")
 
 
 @pytest.mark.slow
