@@ -48,11 +48,15 @@ def plan(cfg, world_size: int) -> str:
         data_note = f"not checkable here ({err})"
     seq, steps = cfg.model.seq_length, cfg.train.steps
     tokens_per_step = cfg.train.global_batch_size * seq
+    m = cfg.model
+    recompute = (f"{m.recompute_granularity} ({m.recompute_method}, {m.recompute_num_layers} layer"
+                 f"{'s' if m.recompute_num_layers > 1 else ''})" if m.recompute_granularity else "off")
     return "\n".join([
         f"model: {cfg.model.preset or 'custom'} ({cfg.model.mixer}), {count_parameters(cfg.model, padded) / 1e6:,.1f} M "
         f"parameters, {flops_per_token(cfg.model, padded, seq):.3e} training FLOPs/token at seq {seq}",
         f"vocabulary: {vocab_note}; padded to {padded} (multiple of 128 x TP {tp})",
-        f"world {world_size} = TP {tp} x DP {dp}; ZeRO {cfg.parallel.zero_stage}; {cfg.train.precision}",
+        f"world {world_size} = TP {tp} x DP {dp}; ZeRO {cfg.parallel.zero_stage}; {cfg.train.precision}; "
+        f"activation recompute {recompute}",
         f"batch: {cfg.train.global_batch_size} samples = micro-batch {cfg.train.micro_batch_size} x DP {dp} x "
         f"accumulation {cfg.grad_accumulation_steps(dp)}; {tokens_per_step:,} tokens/step, "
         f"{tokens_per_step * steps / 1e9:.3f} B tokens in {steps:,} steps",

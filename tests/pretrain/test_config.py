@@ -86,6 +86,10 @@ def test_dry_run_plans_a_cluster_job_without_starting_anything(capsys):
     out = capsys.readouterr().out
     assert "world 64 = TP 1 x DP 64" in out and "micro-batch 4 x DP 64 x accumulation 2" in out
     assert "1,048,576 tokens/step" in out and '"gradient_accumulation_steps": 2' in out
+    assert "activation recompute off" in out
+    assert main(["--config", config, "--dry-run", "--world-size", "64", "model.recompute_granularity=full",
+                 "model.recompute_num_layers=2"]) == 0
+    assert "activation recompute full (uniform, 2 layers)" in capsys.readouterr().out
     # 512 samples do not split over 48 ranks of micro-batch 4: the same one-line error as a real launch.
     assert main(["--config", config, "--dry-run", "--world-size", "48"]) == EXIT_CONFIG_ERROR
     assert "(4 x 48 = 192)" in capsys.readouterr().err
