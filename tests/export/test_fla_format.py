@@ -17,6 +17,8 @@ from hgrn_megatron.export.__main__ import main as export_main
 
 pytestmark = [
     pytest.mark.distributed,
+    # fla announces that it runs its models without Triton on a CPU: expected here.
+    pytest.mark.filterwarnings("ignore:Triton is not supported on current platform:UserWarning"),
     pytest.mark.skipif(importlib.util.find_spec("fla") is None,
                        reason="flash-linear-attention (fla) is not installed: `pip install flash-linear-attention`"),
 ]
