@@ -56,12 +56,19 @@ def _rank_main(fn, args, kwargs, rank, world_size, port, threads, env, conn) -> 
             except Exception:
                 pass
             dist.destroy_process_group()
-        conn.send_bytes(pickle.dumps(("ok", result)))
+        message = ("ok", result)
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
-        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+        message = ("error", traceback.format_exc())
+    # Before reporting: once every rank has reported, the parent kills the ranks that are still alive.
+    _stop_children()
+    try:
+        try:
+            payload = pickle.dumps(message)
+        except Exception:  # noqa: BLE001 - e.g. a result that does not pickle: report that instead
+            payload = pickle.dumps(("error", traceback.format_exc()))
+        conn.send_bytes(payload)
     finally:
         conn.close()
-        _stop_children()
         os._exit(0)
 
 

@@ -56,3 +56,25 @@ def test_hanging_rank_is_killed_within_timeout():
     with pytest.raises(DistributedTestError, match=r"ranks \[.*1\] did not finish within 5 s"):
         run_distributed(_rank1_hangs, world_size=2, timeout=5)
     assert time.monotonic() - start < 15
+
+
+def _start_a_child_and_leave_it():
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False  # ranks are daemonic; daemonic processes may not fork
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(3600,))
+    child.start()
+    return child.pid
+
+
+def test_children_a_rank_leaves_behind_are_stopped():
+    """A rank that starts a process and returns (as megatron's async checkpoint writer does with its Manager
+    server) must not leave it running after the test."""
+    pids = run_distributed(_start_a_child_and_leave_it, world_size=2, timeout=60)
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        time.sleep(0.1)
+    assert not alive, f"children still running: {alive}"
