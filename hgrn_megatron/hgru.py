@@ -16,7 +16,7 @@ To make contiguous column splits line up with channels, every 2·d-wide tensor i
 (re_0, im_0, re_1, im_1, ...) instead of the authors' [re_0..re_{d-1}, im_0..im_{d-1}]; the norm over all
 2·d features is invariant to that permutation, so the model is the authors' up to a fixed relabelling of the
 W_i / W_g / W_o / norm rows. The norm's statistics span every rank's features: they are all-reduced in the
-forward *and* the backward pass (`_sum_over_tp`).
+forward *and* the backward pass (`hgru_ops.gated_norm`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
@@ -41,34 +40,6 @@ from hgrn_megatron.hgru_ops import forget_gate, gated_input, gated_norm
 
 
 # ------------------------------------------------------------------------------------------ TP-aware norm
-class _SumOverTP(torch.autograd.Function):
-    """Sum a tensor over the TP ranks in the forward pass and sum its gradient the same way in the backward.
-
-    Each rank's output feeds only that rank's channels, so the true gradient of a rank's partial sum is the
-    sum of every rank's gradient. megatron's `reduce_from_tensor_model_parallel_region` passes the gradient
-    through unchanged, which gives each rank only its own share: correct outputs, wrong gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _sum_over_tp(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _SumOverTP.apply(x, group)
-
-
 class TPFeatureNorm(MegatronModule):
     """LayerNorm or RMSNorm over a feature dimension that is split across the TP ranks.
 
@@ -86,7 +57,6 @@ class TPFeatureNorm(MegatronModule):
         if hidden_size % tp:
             raise ValueError(f"TPFeatureNorm: {hidden_size} features do not split over {tp} TP ranks")
         self.kind, self.eps, self.hidden_size = kind, eps, hidden_size
-        self.single_rank = tp == 1
         local = hidden_size // tp
         self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
@@ -96,20 +66,11 @@ class TPFeatureNorm(MegatronModule):
         else:
             self.bias = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        if self.single_rank and self.kind == "layernorm":
-            # Every feature is on this rank: torch's fused LayerNorm (one kernel each way, weight and bias
-            # gradients included) computes the same as the composition below, about 4x faster on CPU.
-            return F.layer_norm(x32, (self.hidden_size,), self.weight.float(), self.bias.float(), self.eps)
-        if self.kind == "layernorm":
-            mean = _sum_over_tp(x32.sum(-1, keepdim=True), self.tp_group) / self.hidden_size
-            x32 = x32 - mean
-        mean_square = _sum_over_tp(x32.square().sum(-1, keepdim=True), self.tp_group) / self.hidden_size
-        y = x32 * torch.rsqrt(mean_square + self.eps) * self.weight.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Norm(x), times silu(gate) when a gate is given, in x's dtype (computed in fp32; `hgru_ops.gated_norm`:
+        statistics all-reduced over the TP group forward and backward, torch's fused kernels at TP = 1)."""
+        return gated_norm(x, gate, self.weight, self.bias, self.eps, tp_group=self.tp_group,
+                          hidden_size=self.hidden_size)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Weight and bias are split along the feature axis (by default custom tensors count as replicated)."""
@@ -256,13 +217,8 @@ class HGRU(MegatronModule):
         )
         h = h.reshape(b, s, -1)  # [b, s, features/tp], channel-major (re, im)
 
-        if self.linear_gate is None:
-            y = self.norm(h)
-        else:
-            gate, _ = self.linear_gate(x_in)
-            # One fused step that saves h and the gate only (the norm's own parameters and statistics).
-            y = gated_norm(h, gate, self.norm.weight, self.norm.bias, self.norm.eps,
-                           tp_group=self.norm.tp_group, hidden_size=self.norm.hidden_size)
+        gate = self.linear_gate(x_in)[0] if self.linear_gate is not None else None
+        y = self.norm(h, gate)  # one fused step that saves h and the gate only
         output, bias = self.linear_out(y.to(dtype))  # [b, s, d]
         # megatron's layout [s, b, d] as a view; its bias-dropout-add writes the residual sum in its own layout.
         return output.transpose(0, 1), bias

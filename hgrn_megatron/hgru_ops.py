@@ -8,7 +8,7 @@ bytes (activation memory is what bounds the micro-batch), on CPU in fp32 about h
 - `forget_gate(f, γ)`: (log λ, 1 − λ) for λ = γ + (1 − γ)·σ(f), without rounding λ.
 - `gated_input(i, 1 − λ)`: silu(i)·(1 − λ), the scan's input.
 - `gated_norm(h, gate, weight, bias)`: Norm(h)·silu(gate), the output before W_o (features may be split
-  over TP ranks: the statistics are all-reduced forward and backward).
+  over TP ranks: the statistics are all-reduced forward and backward); with no gate, the mixer norm alone.
 
 On CUDA the gated input and (at TP = 1) the gated norm run as single-pass Triton kernels (`hgru_ops_triton.py`).
 """
@@ -123,10 +123,10 @@ class _GatedInput(torch.autograd.Function):
         return d_inputs.to(inputs.dtype), d_one_minus_lambda
 
 
-def gated_norm(h: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-               tp_group=None, hidden_size: int | None = None) -> torch.Tensor:
-    """Norm(h)·silu(gate) over the last axis, in fp32, returned in h's dtype: LayerNorm when `bias` is given,
-    RMSNorm otherwise. Saves h, gate and the per-token statistics.
+def gated_norm(h: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+               eps: float, tp_group=None, hidden_size: int | None = None) -> torch.Tensor:
+    """Norm(h)·silu(gate) (just Norm(h) when gate is None) over the last axis, in fp32, returned in h's dtype:
+    LayerNorm when `bias` is given, RMSNorm otherwise. Saves h, gate and the per-token statistics.
 
     With `tp_group` of more than one rank, h holds this rank's slice of `hidden_size` features: the statistics
     are summed over the group in the forward pass, and so are the two per-token sums of the backward pass
@@ -134,7 +134,7 @@ def gated_norm(h: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias: 
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
-    fused = _triton_functions(h) if tp_group is None else None
+    fused = _triton_functions(h) if tp_group is None and gate is not None else None
     if fused is not None:
         return fused.GatedNormTriton.apply(h, gate, weight, bias, eps)
     return _GatedNorm.apply(h, gate, weight, bias, eps, tp_group, hidden_size or h.shape[-1])
@@ -173,21 +173,27 @@ class _GatedNorm(torch.autograd.Function):
             y = torch.addcmul(_wide(bias), x_hat, _wide(weight)) if bias is not None else x_hat.mul_(_wide(weight))
         ctx.save_for_backward(h, gate, weight, bias, mean, rstd)
         ctx.group, ctx.hidden_size, ctx.eps = group, hidden_size, eps
-        return y.mul_(F.silu(_wide(gate))).to(h.dtype)
+        if gate is not None:
+            y.mul_(F.silu(_wide(gate)))
+        return y.to(h.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         h, gate, weight, bias, mean, rstd = ctx.saved_tensors
         h32 = _wide(h)
-        if ctx.fused:
-            y = torch.native_layer_norm(h32, (ctx.hidden_size,), _wide(weight), _wide(bias), ctx.eps)[0]
-        else:
+        if not ctx.fused:
             x_hat = (h32 - mean if mean is not None else h32) * rstd  # normalised h (h32 may be h: not in place)
-            y = torch.addcmul(_wide(bias), x_hat, _wide(weight)) if bias is not None else x_hat * _wide(weight)
-        gate32 = _wide(gate)
         dout = _wide(dout)  # may be the caller's tensor: read only
-        d_gate = torch.ops.aten.silu_backward(dout * y, gate32).to(gate.dtype)
-        dy = dout * F.silu(gate32)
+        d_gate = None
+        dy = dout if ctx.fused else dout.clone()  # the composition updates dy in place
+        if gate is not None:
+            if ctx.fused:
+                y = torch.native_layer_norm(h32, (ctx.hidden_size,), _wide(weight), _wide(bias), ctx.eps)[0]
+            else:
+                y = torch.addcmul(_wide(bias), x_hat, _wide(weight)) if bias is not None else x_hat * _wide(weight)
+            gate32 = _wide(gate)
+            d_gate = torch.ops.aten.silu_backward(dout * y, gate32).to(gate.dtype)
+            dy = dout * F.silu(gate32)
         if ctx.fused:
             dh, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
                 dy, h32, (ctx.hidden_size,), mean, rstd, _wide(weight), _wide(bias), [True, True, True])

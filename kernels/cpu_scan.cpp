@@ -60,14 +60,23 @@ inline Blocks channel_blocks(int64_t B, int64_t D, int threads) {
   return {count, (D + count - 1) / count};
 }
 
+// Work item `item` of B * blocks.count: batch row b, channels [d0, d0 + n).
+struct Item {
+  int64_t b, d0, n;
+};
+
+inline Item work_item(const Blocks& blocks, int64_t D, int64_t item) {
+  const int64_t b = item / blocks.count, d0 = (item % blocks.count) * blocks.width;
+  return {b, d0, std::min(D, d0 + blocks.width) - d0};
+}
+
 template <typename S>
 void forward_real(const S* x, const S* g, const uint8_t* reset, const S* h0, S* h, int64_t B, int64_t T,
                   int64_t D, int threads) {
   const Blocks blocks = channel_blocks(B, D, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t item = 0; item < B * blocks.count; ++item) {
-    const int64_t b = item / blocks.count, d0 = (item % blocks.count) * blocks.width;
-    const int64_t n = std::min(D, d0 + blocks.width) - d0;
+    const auto [b, d0, n] = work_item(blocks, D, item);
     std::vector<double> state(n, 0.0);  // h_{t-1}
     double* st = state.data();
     if (h0) std::copy(h0 + b * D + d0, h0 + b * D + d0 + n, st);
@@ -93,8 +102,7 @@ void forward_complex(const S* x, const S* g, const double* cos_theta, const doub
   const Blocks blocks = channel_blocks(B, D, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t item = 0; item < B * blocks.count; ++item) {
-    const int64_t b = item / blocks.count, d0 = (item % blocks.count) * blocks.width;
-    const int64_t n = std::min(D, d0 + blocks.width) - d0;
+    const auto [b, d0, n] = work_item(blocks, D, item);
     const double* cs = cos_theta + d0;
     const double* sn = sin_theta + d0;
     std::vector<double> state(2 * n, 0.0);  // h_{t-1} as (re, im) pairs
@@ -128,8 +136,7 @@ void backward_real(const S* g, const uint8_t* reset, const S* h, const S* h0, co
   const Blocks blocks = channel_blocks(B, D, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t item = 0; item < B * blocks.count; ++item) {
-    const int64_t b = item / blocks.count, d0 = (item % blocks.count) * blocks.width;
-    const int64_t n = std::min(D, d0 + blocks.width) - d0;
+    const auto [b, d0, n] = work_item(blocks, D, item);
     std::vector<double> scratch(2 * n, 0.0);
     double* acc = scratch.data();  // acc_{t+1}, then acc_t
     double* an = acc + n;          // a_{t+1}, then a_t
@@ -169,8 +176,7 @@ void backward_complex(const S* g, const double* cos_theta, const double* sin_the
   const Blocks blocks = channel_blocks(B, D, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t item = 0; item < B * blocks.count; ++item) {
-    const int64_t b = item / blocks.count, d0 = (item % blocks.count) * blocks.width;
-    const int64_t n = std::min(D, d0 + blocks.width) - d0;
+    const auto [b, d0, n] = work_item(blocks, D, item);
     const double* cs = cos_theta + d0;
     const double* sn = sin_theta + d0;
     std::vector<double> scratch(5 * n, 0.0);

@@ -76,3 +76,28 @@ def test_fused_saves_less_than_the_composition(kind):
         params = [t for t in leaves[2:] if t is not None]  # the norm's weight and bias are weights
         _, saved[name] = saved_tensor_bytes(lambda: fn(*leaves), params)
     assert saved["fused"] <= 0.5 * saved["composed"], saved
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_without_gate(norm):
+    """The mixer norm alone (models without an output gate): gradcheck in float64, and fp32 against the
+    composition with no gate."""
+    h, _, w, b = _inputs("norm-layer" if norm == "layernorm" else "norm-rms", torch.float64)
+    leaves = [t.requires_grad_() for t in (h, w) + ((b,) if b is not None else ())]
+    fn = lambda h, w, b=None: gated_norm(h, None, w, b, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+    def composed(h, w, b=None):
+        h32 = h.float()
+        if b is not None:
+            return F.layer_norm(h32, (h.shape[-1],), w.float(), b.float(), 1e-5)
+        return h32 * torch.rsqrt(h32.square().mean(-1, keepdim=True) + 1e-5) * w.float()
+
+    results = []
+    for f in (fn, composed):
+        xs = [t.detach().float().clone().requires_grad_() for t in leaves]
+        out = f(*xs)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append([out.detach()] + [t.grad for t in xs])
+    for got, want in zip(*results):
+        assert (got.double() - want.double()).norm() <= 2e-6 * want.double().norm()

@@ -38,10 +38,9 @@ def _forward_backward(cfg, full_state, identity_norm_backward=False):
     rank = init_model_parallel()
     if identity_norm_backward:
         # What megatron's reduce_from_tensor_model_parallel_region does: a sum forward, identity backward.
-        from hgrn_megatron import hgru, hgru_ops
+        from hgrn_megatron import hgru_ops
 
-        hgru._SumOverTP.backward = staticmethod(lambda ctx, grad: (grad, None))  # TPFeatureNorm (no gate)
-        hgru_ops._sum_backward_statistics = lambda stats, group: stats  # the fused gated norm
+        hgru_ops._sum_backward_statistics = lambda stats, group: stats
     model = build(cfg, seed=0)
     initial_state = tensors_of(model.state_dict())
     if full_state is not None:

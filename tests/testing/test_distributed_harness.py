@@ -1,5 +1,6 @@
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ def _start_a_child_and_leave_it():
     return child.pid
 
 
+def _state(pid: int) -> str:
+    """The process state letter from /proc (Z: exited, not yet reaped); "" if it is gone meanwhile."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (OSError, IndexError):
+        return ""
+
+
 def test_children_a_rank_leaves_behind_are_stopped():
     """A rank that starts a process and returns (as megatron's async checkpoint writer does with its Manager
     server) must not leave it running after the test."""
@@ -74,7 +83,6 @@ def test_children_a_rank_leaves_behind_are_stopped():
     deadline = time.monotonic() + 10
     alive = pids
     while alive and time.monotonic() < deadline:
-        alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
-                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
         time.sleep(0.1)
     assert not alive, f"children still running: {alive}"
