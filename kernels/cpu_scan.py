@@ -3,7 +3,8 @@
 Why a compiled kernel on CPU: the scan is memory-bound, and the best a sequence of torch ops can do is several
 passes over [B, T, D] tensors (decays, chunk sums, two local scans). The fused kernel reads x and g once and
 writes h once in the forward, and reads dout, g and h once and writes dx and dg once in the backward
-(benchmarks/scan_cpu.py compares it with the torch path and the reference loop).
+(benchmarks/scan_cpu.py compares it with the torch path and the reference loop). Its large outputs are advised
+for huge pages, since faulting them in 4 KiB pages cost more than the kernel itself (`_empty_output`).
 
 The library is compiled by `torch.utils.cpp_extension.load` (ninja; a lock file makes concurrent ranks wait for
 one build) into $TORCH_EXTENSIONS_DIR, under a name that includes a fingerprint of this CPU, because it is
@@ -16,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -102,6 +104,47 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+# Whether kernel outputs of >= 4 MiB are advised for transparent huge pages (see `_empty_output`); a switch for
+# benchmarks/scan_cpu.py's comparison, and for a machine where THP faults turn out slower.
+advise_huge_pages = True
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def _empty_output(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like `like`, for a kernel output.
+
+    Large outputs are fresh memory mappings (glibc maps blocks over 32 MiB anew each time), and faulting them
+    in 4 KiB pages cost more than the kernel's own pass: forward + backward at B=4, T=4096, D=512 took 35 ms
+    (real) and 61 ms (complex) in repeated calls, against 17 and 27 ms with 2 MiB pages
+    (docs/BENCHMARKS.md). So the 2 MiB-aligned interior of an output of >= 4 MiB is advised for transparent
+    huge pages; the kernel writes every byte of it anyway. Where THP is off, nothing changes."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    nbytes = out.numel() * out.element_size()
+    madvise = _madvise() if advise_huge_pages and nbytes >= 2 * _HUGE_PAGE else None
+    if madvise is not None:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a failure only means 4 KiB pages
+    return out
+
+
 class CpuScanFunction(torch.autograd.Function):
     """Autograd wrapper around the fused kernels; inputs already checked by `hgrn_scan` (complex x: [B, T, D, 2])."""
 
@@ -119,7 +162,7 @@ class CpuScanFunction(torch.autograd.Function):
         if theta is not None:
             phase = theta.detach().double()  # the kernel rotates in double (see cpu_scan.cpp)
             cos_theta, sin_theta = torch.cos(phase), torch.sin(phase)
-        h = torch.empty_like(xs)
+        h = _empty_output(xs)
         with record_function("hgrn_scan::cpu_forward"):  # the profiler sees no aten op inside a ctypes call
             getattr(lib, f"hgrn_cpu_scan_forward_{suffix}")(
                 _ptr(xs), _ptr(gs), _ptr(cos_theta), _ptr(sin_theta), _ptr(reset_u8), _ptr(h0), _ptr(h),
@@ -140,8 +183,8 @@ class CpuScanFunction(torch.autograd.Function):
         dtype = h.dtype
         dout = dout.to(dtype).contiguous() if dout is not None else torch.zeros_like(h)
         dlast = dlast.to(dtype).contiguous() if dlast is not None else None
-        dx = torch.empty_like(h)
-        dg = torch.empty_like(gs)
+        dx = _empty_output(h)
+        dg = _empty_output(gs)
         dh0 = torch.empty_like(h0) if h0 is not None else None
         dtheta_rows = torch.empty(B, D, dtype=torch.float64) if cos_theta is not None else None
         with record_function("hgrn_scan::cpu_backward"):

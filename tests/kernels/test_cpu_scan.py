@@ -121,3 +121,60 @@ def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch, tmp_path):
         assert cpu_scan_module._build_library.cache_info().misses == 1
     finally:
         cpu_scan_module._build_library.cache_clear()
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that contains `address` (from /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == "VmFlags:":
+            return fields[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="needs Linux with transparent huge pages")
+def test_large_outputs_are_advised_for_huge_pages(monkeypatch):
+    """h, dx and dg of >= 4 MiB get MADV_HUGEPAGE on their 2 MiB-aligned interior (VmFlags 'hg'), results stay
+    those of the reference."""
+    outputs = []
+
+    def recording(like):
+        outputs.append(cpu_scan_module._empty_output.__wrapped__(like))
+        return outputs[-1]
+
+    recording.__wrapped__ = cpu_scan_module._empty_output
+    monkeypatch.setattr(cpu_scan_module, "_empty_output", recording)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1024, 2048, generator=gen).requires_grad_()  # 8 MiB
+    g = torch.nn.functional.logsigmoid(2 + torch.randn(1, 1024, 2048, generator=gen)).requires_grad_()
+    weight = torch.randn(x.shape, generator=gen)
+    h, _ = cpu_scan(x, g)
+    (h * weight).sum().backward()
+    assert len(outputs) == 3  # h, dx, dg
+    for out in outputs:
+        interior = -(-out.data_ptr() // (2 << 20)) * (2 << 20)
+        assert "hg" in _vm_flags(interior), _vm_flags(interior)
+
+    xr, gr = x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
+    href, _ = hgrn_scan(xr, gr, backend="reference")
+    (href * weight).sum().backward()
+    for got, want in ((h, href), (x.grad, xr.grad), (g.grad, gr.grad)):
+        assert ((got.double() - want.double()).norm() / want.double().norm()) <= 1e-5
+
+    # Control: with the advice off, an output of 40 MiB (above glibc's largest mmap threshold, so a mapping
+    # no earlier advice can have touched) has no 'hg' flag.
+    monkeypatch.setattr(cpu_scan_module, "advise_huge_pages", False)
+    out = recording(torch.empty(10 << 20))
+    assert "hg" not in _vm_flags(-(-out.data_ptr() // (2 << 20)) * (2 << 20))
