@@ -107,3 +107,10 @@ def test_non_contiguous_inputs(backend):
     ref, ref_last = hgrn_scan_reference(x, g, theta=theta, reset=reset)
     assert (h.double() - ref).norm() <= 1e-5 * ref.norm()
     assert (h_last.double() - ref_last).norm() <= 1e-5 * ref_last.norm()
+
+
+def test_empty_is_nan_filled_in_kernel_tests():
+    """The kernels/ conftest's guard is on: an output a kernel leaves unwritten would read as NaN."""
+    assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2, dtype=torch.complex64)).isnan().all()
+    assert torch.ones(2).new_empty(4).isnan().all()
+    assert torch.empty(2, dtype=torch.int64).dtype == torch.int64  # integers are left alone

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from hgrn_megatron.hgru_ops import gated_input, gated_norm
 from hgrn_megatron.testing.memory import saved_tensor_bytes
 
+pytestmark = pytest.mark.usefixtures("nan_filled_empty")  # an unwritten output reads as NaN
+
 
 def composed_input(inputs, one_minus_lambda):
     pairs = inputs.shape[-1] // one_minus_lambda.shape[-1]
@@ -33,8 +35,9 @@ def _inputs(kind, dtype, seed=0):
                                                                          else dtype)]
     F_ = 2 * C
     bias = torch.randn(F_, generator=g, dtype=dtype) if kind == "norm-layer" else None
-    return [2 + 3 * torch.randn(B, S, F_, generator=g, dtype=dtype), 3 * torch.randn(B, S, F_, generator=g, dtype=dtype),
-            1 + torch.randn(F_, generator=g, dtype=dtype), bias]
+    h = 2 + 3 * torch.randn(B, S, F_, generator=g, dtype=dtype)
+    gate = 3 * torch.randn(B, S, F_, generator=g, dtype=dtype)
+    return [h, gate, 1 + torch.randn(F_, generator=g, dtype=dtype), bias]
 
 
 FUSED = {"input": gated_input, "norm": lambda h, gate, w, b: gated_norm(h, gate, w, b, 1e-5)}

@@ -10,7 +10,7 @@ import torch
 
 from hgrn_megatron import hgru_ops
 
-pytestmark = pytest.mark.triton_interpret
+pytestmark = [pytest.mark.triton_interpret, pytest.mark.usefixtures("nan_filled_empty")]
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it before triton is imported
     pytest.skip("Triton's interpreter is not enabled (TRITON_INTERPRET=1)", allow_module_level=True)
