@@ -56,8 +56,11 @@ struct Blocks {
 
 inline Blocks channel_blocks(int64_t B, int64_t D, int threads) {
   const int64_t wanted = (2 * static_cast<int64_t>(threads) + B - 1) / B;
-  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(wanted, D / 64));
-  return {count, (D + count - 1) / count};
+  const int64_t target = std::max<int64_t>(1, std::min<int64_t>(wanted, D / 64));
+  const int64_t width = (D + target - 1) / target;
+  // Recount at the rounded-up width: D = 8192 aimed at 112 blocks gets width 74, and 111 blocks of 74 already
+  // cover it; a 112th would start past D with a negative length.
+  return {(D + width - 1) / width, width};
 }
 
 // Work item `item` of B * blocks.count: batch row b, channels [d0, d0 + n).

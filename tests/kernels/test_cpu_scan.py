@@ -55,7 +55,7 @@ def restore_threads():
 @pytest.mark.parametrize("B", [1, 3])
 def test_cpu_results_do_not_depend_on_threads(B, restore_threads):
     """Work items (batch row x channel block) never share data, so 1 and 4 threads give identical bits; with
-    4 threads D = 200 is cut into ragged blocks (50 + ... or 67 + 67 + 66) that must join up exactly."""
+    4 threads D = 200 is cut into ragged blocks (67 + 67 + 66) that must join up exactly."""
     case = dict(B=B, T=45, D=200)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(B, 45, 200, 2, generator=gen)
@@ -78,6 +78,31 @@ def test_cpu_results_do_not_depend_on_threads(B, restore_threads):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (case, name)
         else:
             assert torch.equal(a, b), (case, name)
+
+
+@pytest.mark.parametrize("B,D,threads", [(1, 8192, 56), (1, 5248, 38), (2, 6144, 83), (1, 130, 3)])
+def test_cpu_channel_blocks_cover_d_exactly_at_any_thread_count(B, D, threads, restore_threads):
+    """Many threads on a wide D: the channel width is rounded up, so fewer blocks than aimed for can cover D
+    (8192 aimed at 112 blocks: width 74, 111 blocks). Every block must start inside D; the results equal
+    those of one thread, complex with an initial state and resets, so every kernel's split is exercised."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(B, 3, D, 2, generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, 3, D, generator=gen))
+    theta, h0 = torch.randn(D, generator=gen), torch.randn(B, D, 2, generator=gen)
+    reset = torch.tensor([[False, True, False]] * B)
+
+    def outputs(threads, complex_mode):
+        torch.set_num_threads(threads)
+        leaves = [t.clone().requires_grad_() for t in (x if complex_mode else x[..., 0], g, theta,
+                                                      h0 if complex_mode else h0[..., 0])]
+        h, last = cpu_scan(leaves[0], leaves[1], theta=leaves[2] if complex_mode else None,
+                           initial_state=leaves[3], reset=reset, output_final_state=True)
+        (h * h.detach().cos()).sum().add(last.sum()).backward()
+        return [h, last, leaves[0].grad, leaves[1].grad, leaves[3].grad]
+
+    for complex_mode in (False, True):
+        for a, b in zip(outputs(1, complex_mode), outputs(threads, complex_mode)):
+            assert torch.equal(a, b)
 
 
 def test_cpu_decay_is_exp_to_float_precision():
