@@ -42,13 +42,14 @@ def hgrn_scan(
             TRITON_INTERPRET=1), "auto" (triton on CUDA, cpu on CPU when its kernel builds, else torch).
         check_values: verify `g <= 0` and not NaN (one pass over g). None (default): check CPU tensors,
             skip on accelerators, where reading the answer back would stall the launch queue.
-        chunk_size: tokens per chunk for the torch / triton backends (None: their default; the cpu backend
-            has no chunks).
+        chunk_size: tokens per chunk for the torch / triton backends, a positive int (a power of two for
+            triton); None: their default. The cpu backend has no chunks.
 
     Returns:
-        `(h, h_last)`: h has x's shape and dtype (the state is accumulated in fp32, or fp64 for fp64
-        inputs); h_last is the final state in fp32 (`[B, D]` or `[B, D, 2]`) or None. Differentiable
-        with respect to x, g, theta and initial_state, including through h_last.
+        `(h, h_last)`: h has x's shape and dtype; the state is accumulated in fp32, or in fp64 for fp64 x
+        (not available on triton, whose kernels accumulate in fp32: "auto" takes the torch path for fp64
+        on CUDA). h_last is the final state in that accumulation dtype (`[B, D]` or `[B, D, 2]`) or None.
+        Differentiable with respect to x, g, theta and initial_state, including through h_last.
 
     Example:
         >>> x, g = torch.randn(2, 16, 8), torch.nn.functional.logsigmoid(torch.randn(2, 16, 8))
@@ -63,10 +64,12 @@ def hgrn_scan(
         raise ValueError(f"hgrn_scan: g is the log forget gate and must be <= 0 (and not NaN); found "
                          f"{bad.numel()} bad values, e.g. {bad[:3].tolist()}")
     backend = _resolve_backend(backend, x)
+    _check_chunk_size(chunk_size, backend)
 
     if backend == "reference":
         h, h_last = hgrn_scan_reference(x, g, theta=theta, initial_state=initial_state, reset=reset)
-        return h.to(x.dtype), (h_last.float() if output_final_state else None)
+        state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return h.to(x.dtype), (h_last.to(state_dtype) if output_final_state else None)
     if backend == "cpu":
         return cpu_scan(x, g, theta=theta, initial_state=initial_state, output_final_state=output_final_state,
                         reset=reset)
@@ -129,26 +132,41 @@ def _check_inputs(x, g, theta, initial_state, reset) -> None:
         raise ValueError(f"hgrn_scan: all inputs must be on one device, got {devices}")
 
 
+def _check_chunk_size(chunk_size, backend: str) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"hgrn_scan: chunk_size must be a positive int (or None for the backend's default), "
+                         f"got {chunk_size!r}")
+    if backend == "triton" and chunk_size & (chunk_size - 1):
+        raise ValueError(f"hgrn_scan: backend 'triton' needs chunk_size to be a power of two, got {chunk_size}")
+
+
 _warned_auto_fallback = False
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def _auto_backend(device_type: str, dtype: torch.dtype) -> str:
+    """What "auto" runs for x on `device_type` with `dtype`."""
     global _warned_auto_fallback
+    if device_type == "cpu":
+        return "cpu" if cpu_scan_available() else "torch"
+    if device_type != "cuda" or dtype == torch.float64:  # triton accumulates in fp32
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if not _warned_auto_fallback:
+            warnings.warn("hgrn_scan: triton is not importable; backend='auto' uses the torch path on CUDA")
+            _warned_auto_fallback = True
+        return "torch"
+    return "triton"
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"hgrn_scan: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if x.device.type == "cpu":
-            return "cpu" if cpu_scan_available() else "torch"
-        if x.device.type != "cuda":
-            return "torch"
-        try:
-            import triton
-        except ImportError:
-            if not _warned_auto_fallback:
-                warnings.warn("hgrn_scan: triton is not importable; backend='auto' uses the torch path on CUDA")
-                _warned_auto_fallback = True
-            return "torch"
-        return "triton"
+        return _auto_backend(x.device.type, x.dtype)
     if backend == "cpu":
         if x.device.type != "cpu":
             raise RuntimeError(f"hgrn_scan: backend='cpu' needs CPU tensors (got device {x.device}); use 'auto'")
@@ -161,4 +179,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"hgrn_scan: backend='triton' needs CUDA tensors (got device {x.device}); on CPU "
                                "set TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")
+        if x.dtype == torch.float64:
+            raise ValueError("hgrn_scan: backend='triton' accumulates in fp32, so it takes fp16/bf16/fp32 x "
+                             "(got float64); use backend='torch' or 'auto' for a float64 scan")
     return backend

@@ -162,6 +162,7 @@ class TorchScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g, theta, initial_state, reset, output_final_state, chunk_size):
+        ctx.set_materialize_grads(False)  # an unused h or h_last arrives as None: no zero tensor is read
         complex_mode = theta is not None
         real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         state_dtype = (torch.complex128 if real_dtype == torch.float64 else torch.complex64) if complex_mode \

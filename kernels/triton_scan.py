@@ -24,10 +24,11 @@ def _config(D: int, chunk_size: int | None, block_d: int | None) -> tuple[int, i
     """(BT, BD). Defaults keep a [BT, BD] tile at 16 fp32 values per thread at 4 warps: the backward's
     grads kernel holds several such tiles, and larger ones spill registers on sm_90 (checked with
     cuobjdump -res-usage on cubins from `benchmarks/scan_gpu.py --compile-only 90`)."""
-    BT = chunk_size or 64
-    BD = block_d or min(32, triton.next_power_of_2(D))
-    if BT & (BT - 1) or BD & (BD - 1):
-        raise ValueError(f"triton scan: chunk_size ({BT}) and block_d ({BD}) must be powers of two")
+    BT = 64 if chunk_size is None else chunk_size
+    BD = min(32, triton.next_power_of_2(D)) if block_d is None else block_d
+    for name, value in (("chunk_size", BT), ("block_d", BD)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"triton scan: {name} must be a power of two, got {value}")
     return BT, BD
 
 
@@ -48,6 +49,7 @@ class TritonScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, theta, initial_state, reset, output_final_state, chunk_size, block_d, num_warps,
                 forward):
+        ctx.set_materialize_grads(False)  # an unused h or h_last arrives as None: no zero tensor is read
         complex_mode = theta is not None
         B, T, D = g.shape
         BT, BD = _config(D, chunk_size, block_d)

@@ -20,8 +20,19 @@ class Case:
     initial: bool = False
     final: str | None = None  # None | "also" (loss on h and h_last) | "only" (loss on h_last alone)
     reset: str | None = None  # None | "random" | "edges" (t=0, consecutive runs, last token) | "all"
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # of x (and of g and initial_state unless given below)
     chunk_size: int | None = None
+    g_dtype: torch.dtype | None = None  # training passes bf16 x with fp32 gates
+    initial_dtype: torch.dtype | None = None
+
+    @property
+    def gate_dtype(self) -> torch.dtype:
+        return self.g_dtype or self.dtype
+
+    @property
+    def last_dtype(self) -> torch.dtype:
+        """h_last's dtype: the accumulation dtype, fp32 (fp64 for fp64 x)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @property
     def id(self) -> str:
@@ -33,6 +44,10 @@ class Case:
         if self.reset:
             parts.append(f"reset_{self.reset}")
         parts.append(str(self.dtype).replace("torch.", ""))
+        if self.g_dtype:
+            parts.append("g_" + str(self.g_dtype).replace("torch.", ""))
+        if self.initial_dtype:
+            parts.append("h0_" + str(self.initial_dtype).replace("torch.", ""))
         if self.chunk_size:
             parts.append(f"L{self.chunk_size}")
         return "-".join(parts)
@@ -56,6 +71,11 @@ CPU_CASES = [
     Case(2, 130, 24, initial=True, final="also", reset="random", dtype=torch.bfloat16),
     Case(2, 130, 24, complex=True, initial=True, final="also", reset="edges", dtype=torch.bfloat16),
     Case(2, 70, 16, complex=True, initial=True, final="also", dtype=torch.float16, chunk_size=8),
+    # the HGRU's mix in bf16 training: bf16 x, fp32 gates and theta; a state of yet another dtype
+    Case(2, 130, 24, complex=True, initial=True, final="also", reset="random", dtype=torch.bfloat16,
+         g_dtype=torch.float32, initial_dtype=torch.float16),
+    Case(2, 45, 6, complex=True, initial=True, final="also", reset="edges", dtype=torch.float64, chunk_size=8),
+    Case(2, 45, 6, initial=True, final="also", reset="random", dtype=torch.float64),
 ]
 
 
@@ -67,12 +87,14 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     x_shape = (B, T, D, 2) if case.complex else (B, T, D)
     inputs = {
         "x": torch.randn(x_shape, generator=gen).to(case.dtype),
-        "g": torch.nn.functional.logsigmoid(2 + 1.5 * torch.randn(B, T, D, generator=gen)).to(case.dtype),
+        "g": torch.nn.functional.logsigmoid(2 + 1.5 * torch.randn(B, T, D, generator=gen)).to(case.gate_dtype),
     }
     if case.complex:
-        inputs["theta"] = (torch.rand(D, generator=gen) * 2 - 1) * math.pi
+        theta = (torch.rand(D, generator=gen) * 2 - 1) * math.pi  # fp32, as the model keeps it (fp64 for fp64)
+        inputs["theta"] = theta.double() if case.dtype == torch.float64 else theta
     if case.initial:
-        inputs["initial_state"] = torch.randn((B, D, 2) if case.complex else (B, D), generator=gen).to(case.dtype)
+        inputs["initial_state"] = torch.randn((B, D, 2) if case.complex else (B, D), generator=gen).to(
+            case.initial_dtype or case.dtype)
     if case.reset == "random":
         reset = torch.rand(B, T, generator=gen) < 0.08
         reset[0, 0] = True

@@ -29,9 +29,11 @@ def test_cpu_matches_reference(case):
     scan = functools.partial(hgrn_scan, backend="cpu", output_final_state=bool(case.final))
     out = run(scan, case, inputs)
     assert out["h"].dtype == case.dtype
-    assert out["dx"].dtype == case.dtype and out["dg"].dtype == case.dtype
+    assert out["dx"].dtype == case.dtype and out["dg"].dtype == case.gate_dtype
     if case.final:
-        assert out["h_last"].dtype == torch.float32
+        assert out["h_last"].dtype == case.last_dtype
+    if case.initial:
+        assert out["dh0"].dtype == (case.initial_dtype or case.dtype)
     assert_close_to_reference(out, reference(case, inputs), TOLERANCE[case.dtype])
 
 

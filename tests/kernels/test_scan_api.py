@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hgrn_megatron.kernels import BACKENDS, hgrn_scan, hgrn_scan_reference
-from hgrn_megatron.kernels.scan import _resolve_backend
+from hgrn_megatron.kernels.scan import _auto_backend, _resolve_backend
 
 
 def _inputs(B=2, T=5, D=3, complex_mode=False):
@@ -46,10 +46,12 @@ def test_gate_values_are_checked_on_cpu():
     bad[0, 1, 2] = 0.5
     with pytest.raises(ValueError, match=r"must be <= 0 .* found 1 bad values, e.g. \[0.5\]"):
         hgrn_scan(x, bad)
+    # check_values=False skips the check: the positive gate is used as given (a growing state).
+    h, _ = hgrn_scan(x, bad, check_values=False, backend="torch")
+    torch.testing.assert_close(h, hgrn_scan_reference(x, bad)[0].float())
     bad[0, 1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"must be <= 0 \(and not NaN\)"):
         hgrn_scan(x, bad)
-    hgrn_scan(x, bad.nan_to_num(-1.0), check_values=False)
     # -inf is a legitimate gate (decay exactly zero).
     g_inf = g.clone()
     g_inf[:, 2] = float("-inf")
@@ -76,21 +78,53 @@ def test_backend_names_and_resolution(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_output_contract(backend, dtype):
-    """h: x's shape and dtype; h_last: fp32 (or None); the same numbers from every backend."""
-    x, g = _inputs(complex_mode=True)
-    theta = torch.randn(3)
-    h0 = torch.randn(2, 3, 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("variant", ["real", "complex"])
+def test_output_contract(backend, dtype, variant):
+    """h: x's shape and dtype; h_last: the accumulation dtype (fp32, fp64 for fp64 x) or None; every backend
+    but the reference itself gives the reference's numbers."""
+    complex_mode = variant == "complex"
+    x, g = _inputs(complex_mode=complex_mode)
+    theta = torch.randn(3) if complex_mode else None
+    h0 = torch.randn((2, 3, 2) if complex_mode else (2, 3))
     x, g = x.to(dtype), g.to(dtype)
     h, h_last = hgrn_scan(x, g, theta=theta, initial_state=h0, output_final_state=True, backend=backend)
     assert h.shape == x.shape and h.dtype == dtype
-    assert h_last.shape == (2, 3, 2) and h_last.dtype == torch.float32
-    ref, ref_last = hgrn_scan_reference(x, g, theta=theta, initial_state=h0)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (h.double() - ref).norm() <= tol * ref.norm()
-    assert (h_last.double() - ref_last).norm() <= 1e-5 * ref_last.norm()
+    assert h_last.shape == h0.shape
+    assert h_last.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert hgrn_scan(x, g, theta=theta, backend=backend)[1] is None
+    if backend != "reference":
+        ref, ref_last = hgrn_scan_reference(x, g, theta=theta, initial_state=h0)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+        assert (h.double() - ref).norm() <= tol * ref.norm()
+        assert (h_last.double() - ref_last).norm() <= (1e-12 if dtype == torch.float64 else 1e-5) * ref_last.norm()
+
+
+def test_chunk_size_is_checked():
+    x, g = _inputs()
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"chunk_size must be a positive int .*got {bad!r}"):
+            hgrn_scan(x, g, backend="torch", chunk_size=bad)
+    hgrn_scan(x, g, backend="torch", chunk_size=3)  # any positive size on the torch path
+
+
+@pytest.mark.triton_interpret
+def test_triton_needs_power_of_two_chunks_and_at_most_fp32():
+    pytest.importorskip("triton")
+    x, g = _inputs()
+    with pytest.raises(ValueError, match=r"backend 'triton' needs chunk_size to be a power of two, got 48"):
+        hgrn_scan(x, g, backend="triton", chunk_size=48)
+    with pytest.raises(ValueError, match=r"backend='triton' accumulates in fp32.*got float64"):
+        hgrn_scan(x.double(), g.double(), backend="triton")
+
+
+def test_auto_takes_the_torch_path_for_float64_on_cuda():
+    """Decided from device type and dtype, so it is tested without a GPU."""
+    assert _auto_backend("cuda", torch.float64) == "torch"
+    assert _auto_backend("cpu", torch.float64) == "cpu"
+    assert _auto_backend("mps", torch.float32) == "torch"
+    pytest.importorskip("triton")
+    assert _auto_backend("cuda", torch.float32) == "triton" and _auto_backend("cuda", torch.bfloat16) == "triton"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton_interpret)])

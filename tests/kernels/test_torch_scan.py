@@ -2,7 +2,6 @@
 import functools
 
 import pytest
-import torch
 from scan_cases import (
     CPU_CASES,
     TOLERANCE,
@@ -25,9 +24,11 @@ def test_torch_matches_reference(case):
                              chunk_size=case.chunk_size)
     out = run(scan, case, inputs)
     assert out["h"].dtype == case.dtype
-    assert out["dx"].dtype == case.dtype and out["dg"].dtype == case.dtype
+    assert out["dx"].dtype == case.dtype and out["dg"].dtype == case.gate_dtype
     if case.final:
-        assert out["h_last"].dtype == torch.float32
+        assert out["h_last"].dtype == case.last_dtype
+    if case.initial:
+        assert out["dh0"].dtype == (case.initial_dtype or case.dtype)
     assert_close_to_reference(out, reference(case, inputs), TOLERANCE[case.dtype])
 
 

@@ -38,6 +38,8 @@ CASES = [
     Case(1, 1, 1, initial=True, final="also"),
     Case(2, 40, 20, initial=True, final="also", reset="random", dtype=torch.bfloat16),
     Case(2, 40, 12, complex=True, initial=True, final="also", dtype=torch.bfloat16),
+    Case(2, 40, 12, complex=True, initial=True, final="also", reset="random", dtype=torch.bfloat16,
+         g_dtype=torch.float32, initial_dtype=torch.float16),  # bf16 training's mix
     Case(1, 70, 20, initial=True, final="also", reset="random", chunk_size=64),  # default blocks: 64, 32
     # 70 chunks of 2 tokens: the carry kernels scan them in two blocks of 64 (complex: the slow test below).
     Case(1, 140, 3, initial=True, final="also", reset="edges", chunk_size=2),
@@ -55,7 +57,11 @@ def _scan(case, forward="three_kernels"):
 def test_triton_matches_reference(case, forward):
     inputs = make_inputs(case)
     out = run(_scan(case, forward), case, inputs)
-    assert out["h"].dtype == case.dtype and out["dx"].dtype == case.dtype and out["dg"].dtype == case.dtype
+    assert out["h"].dtype == case.dtype and out["dx"].dtype == case.dtype and out["dg"].dtype == case.gate_dtype
+    if case.final:
+        assert out["h_last"].dtype == torch.float32
+    if case.initial:
+        assert out["dh0"].dtype == (case.initial_dtype or case.dtype)
     assert_close_to_reference(out, reference(case, inputs), TOLERANCE[case.dtype])
 
 
