@@ -3,6 +3,7 @@
     python benchmarks/scan_gpu.py                       # on a CUDA machine: check, sweep, time, print a table
     python benchmarks/scan_gpu.py --quick               # default kernel config only (no sweep)
     python benchmarks/scan_gpu.py --compile-only 90     # no GPU needed: lower every kernel variant to sm_90 cubin
+                                                        # (at the launch config; --registers: their register use)
     python benchmarks/scan_gpu.py --dry-run             # no GPU needed: the whole script at toy sizes on CPU,
                                                         # kernels under Triton's interpreter (timings meaningless)
 
@@ -58,7 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="time the default config only (no sweep)")
     parser.add_argument("--compile-only", type=int, metavar="SM", help="lower the kernels for sm_SM; no GPU needed")
     parser.add_argument("--variants", choices=("core", "all"), default="all",
-                        help="with --compile-only: 'core' = complex, bf16, with resets (a quick check)")
+                        help="with --compile-only: 'core' = complex, resets, bf16 x with fp32 gates (a quick check)")
+    parser.add_argument("--registers", action="store_true",
+                        help="with --compile-only: print each cubin's registers, spills and stack (cuobjdump)")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU under Triton's interpreter")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -67,7 +70,9 @@ def main(argv=None) -> int:
         RUN.update(DRY_RUN)
     _make_kernels_importable()  # imports torch, not triton (the Triton module is imported lazily)
     if args.compile_only is not None:
-        return compile_only(args.compile_only, args.variants)
+        from scan_lowering import compile_only
+
+        return compile_only(args.compile_only, args.variants, args.registers)
 
     import torch
 
@@ -252,54 +257,6 @@ def print_table(results: dict) -> None:
         if "speedup_vs_fla_chunk_fwdbwd" in row:
             print(f"| {row['shape']} | speed-up vs fla chunk | {row['speedup_vs_fla_chunk_fwd']:.2f}x | | "
                   f"{row['speedup_vs_fla_chunk_fwdbwd']:.2f}x | |")
-
-
-def compile_only(sm: int, variants: str = "all") -> int:
-    """Lower the kernel variants (real/complex x bf16/fp32 x with/without resets; 'core': complex bf16 resets)
-    to cubins for sm_SM through Triton's own ptxas: catches lowering errors on a machine without a GPU."""
-    os.environ.pop("TRITON_INTERPRET", None)
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET"):
-        raise RuntimeError("--compile-only needs triton imported without TRITON_INTERPRET")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from hgrn_megatron.kernels import triton_kernels as ts
-
-    target = GPUTarget("cuda", sm, 32)
-    count, started = 0, time.perf_counter()
-    if variants == "core":
-        combos = [(True, "bf16", True)]
-    else:
-        combos = [(c, dt, r) for c in (False, True) for dt in ("bf16", "fp32") for r in (False, True)]
-    kernels = [ts.chunk_hgrn_fwd_kernel_summary, ts.chunk_hgrn_fwd_kernel_carry, ts.chunk_hgrn_fwd_kernel_output,
-               ts.chunk_hgrn_fwd_kernel_single_pass, ts.chunk_hgrn_bwd_kernel_summary,
-               ts.chunk_hgrn_bwd_kernel_carry, ts.chunk_hgrn_bwd_kernel_grads]
-    for complex_mode, dt, has_reset in combos:
-        constants = dict(D=2048, BT=64, BD=64, NTB=64, COMPLEX=complex_mode, HAS_RESET=has_reset, HAS_INITIAL=True,
-                         STORE_FINAL=True, HAS_FINAL_GRAD=True)
-        for fn in kernels:
-            signature, constexprs = {}, {}
-            for name in fn.arg_names:  # types from the naming convention: UPPER = constexpr, T/NT = sizes
-                if name in constants:
-                    signature[name], constexprs[name] = "constexpr", constants[name]
-                elif name in ("T", "NT"):
-                    signature[name] = "i32"
-                elif name == "theta" and not complex_mode or name == "dtheta_part" and not complex_mode \
-                        or name == "reset" and not has_reset:
-                    signature[name], constexprs[name] = "constexpr", None
-                elif name == "reset":
-                    signature[name] = "*u8"
-                elif name in ("x", "g", "do", "out", "dx", "dg"):
-                    signature[name] = f"*{dt}"
-                else:  # summaries, states, θ: fp32
-                    signature[name] = "*fp32"
-            compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
-                                      target=target, options={"num_warps": 4})
-            assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
-            count += 1
-    print(f"compiled {count} kernel variants to sm_{sm} cubin in {time.perf_counter() - started:.1f}s")
-    return 0
 
 
 if __name__ == "__main__":

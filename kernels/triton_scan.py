@@ -23,7 +23,7 @@ from .triton_kernels import (
 def _config(D: int, chunk_size: int | None, block_d: int | None) -> tuple[int, int]:
     """(BT, BD). Defaults keep a [BT, BD] tile at 16 fp32 values per thread at 4 warps: the backward's
     grads kernel holds several such tiles, and larger ones spill registers on sm_90 (checked with
-    cuobjdump -res-usage on cubins from `benchmarks/scan_gpu.py --compile-only 90`)."""
+    `benchmarks/scan_gpu.py --compile-only 90 --registers`, docs/BENCHMARKS.md)."""
     BT = 64 if chunk_size is None else chunk_size
     BD = min(32, triton.next_power_of_2(D)) if block_d is None else block_d
     for name, value in (("chunk_size", BT), ("block_d", BD)):

@@ -125,13 +125,16 @@ def _lower_to_sm90(variants):
 
 @pytest.mark.slow
 def test_triton_kernels_lower_to_sm90_cubin():
-    """The complex variant with resets and both states: every code path but the real combine."""
-    assert "compiled 7 kernel variants to sm_90 cubin" in _lower_to_sm90("core")
+    """At the launch configuration: complex, resets, bf16 x with fp32 gates (bf16 training), with and without
+    the state paths: every code path but the real combine."""
+    out = _lower_to_sm90("core")
+    assert "compiled 10 kernel variants to sm_90 cubin" in out
+    assert "(BT=64, BD=32, carry BD=32 NTB=64, grads warps=8)" in out
 
 
 @pytest.mark.heavy
 def test_triton_all_kernel_variants_lower_to_sm90_cubin():
-    assert "compiled 56 kernel variants to sm_90 cubin" in _lower_to_sm90("all")
+    assert "compiled 92 kernel variants to sm_90 cubin" in _lower_to_sm90("all")
 
 
 @pytest.mark.slow

@@ -41,13 +41,18 @@ def test_gated_input_kernels_match_the_torch_function(pairs, dtype):
     _compare(GatedInputTriton.apply, hgru_ops._GatedInput.apply, inputs, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "bf16-fp32_weights", "bf16-bf16_weights"])  # bf16 training casts weights
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-def test_gated_norm_kernels_match_the_torch_function(norm, dtype):
+def test_gated_norm_kernels_match_the_torch_function(norm, dtype, weight_dtype):
     g = torch.Generator().manual_seed(1)
     B, S, F = 2, 5, 46  # 46 features in a block of 64; 10 rows over the interpreter's 8 programs
-    inputs = [(2 + 3 * torch.randn(B, S, F, generator=g)).to(dtype), (3 * torch.randn(B, S, F, generator=g)).to(dtype),
-              1 + torch.randn(F, generator=g), torch.randn(F, generator=g) if norm == "layernorm" else None]
+    h = (2 + 3 * torch.randn(B, S, F, generator=g)).to(dtype)
+    gate = (3 * torch.randn(B, S, F, generator=g)).to(dtype)
+    weight = (1 + torch.randn(F, generator=g)).to(weight_dtype)
+    bias = torch.randn(F, generator=g).to(weight_dtype) if norm == "layernorm" else None
+    inputs = [h, gate, weight, bias]
 
     def reference(h, gate, w, b):
         return hgru_ops._GatedNorm.apply(h, gate, w, b, 1e-5, None, F)
@@ -66,7 +71,7 @@ from triton.compiler import ASTSource
 from hgrn_megatron import hgru_ops_triton as k
 
 target, count = GPUTarget("cuda", 90, 32), 0
-for dt in ("bf16", "fp32"):
+for dt in ("bf16", "fp16", "fp32"):
     for pairs in (1, 2):
         for fn, sig in ((k._gated_input_fwd, dict(i_ptr=f"*{dt}", oml_ptr="*fp32", x_ptr=f"*{dt}")),
                         (k._gated_input_bwd, dict(i_ptr=f"*{dt}", oml_ptr="*fp32", dx_ptr=f"*{dt}", di_ptr=f"*{dt}",
@@ -75,8 +80,9 @@ for dt in ("bf16", "fp32"):
             triton.compile(ASTSource(fn, signature=signature, constexprs={"PAIRS": pairs, "BLOCK_C": 1024}),
                            target=target)
             count += 1
-    for bias in (True, False):
-        common = {"w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "F": "i32",
+    # weights: fp32 (fp32 training, or master weights) or the activations' dtype (DeepSpeed's bf16/fp16 modules)
+    for bias, wt in ((b, w) for b in (True, False) for w in sorted({"fp32", dt})):
+        common = {"w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "F": "i32",
                   "HAS_BIAS": "constexpr", "BLOCK_F": "constexpr"}
         constexprs = {"HAS_BIAS": bias, "BLOCK_F": 4096}
         triton.compile(ASTSource(k._gated_norm_fwd, signature={"h_ptr": f"*{dt}", "gate_ptr": f"*{dt}",
@@ -92,9 +98,9 @@ print(f"lowered {count} kernels")
 
 
 def test_kernels_lower_to_sm90_cubin():
-    """Outside the interpreter: Triton's compiler and ptxas lower every variant (bf16/fp32, real/complex,
-    LayerNorm/RMSNorm) at the feature width of hgrn-1b (2·2048)."""
+    """Outside the interpreter: Triton's compiler and ptxas lower every variant (bf16/fp16/fp32 activations,
+    fp32 or same-dtype weights, real/complex, LayerNorm/RMSNorm) at the feature width of hgrn-1b (2·2048)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", LOWER], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "lowered 16 kernels" in result.stdout
+    assert "lowered 32 kernels" in result.stdout
