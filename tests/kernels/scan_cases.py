@@ -8,6 +8,9 @@ import torch
 
 from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
 
+# Relative error allowed against the float64 loop. Under Triton's interpreter an fp32 -> bf16 cast truncates
+# (every value rounds down in magnitude; a GPU rounds to nearest), doubling the bf16 error (3e-3 against 1.6e-3
+# on the torch path): the bf16 bound is met either way, so it says nothing about the GPU's rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
