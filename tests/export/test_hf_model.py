@@ -111,6 +111,16 @@ def test_generate_uses_the_recurrent_cache():
     assert seen == [10, 1, 1, 1, 1]
 
 
+def test_generate_from_inputs_embeds_continues_like_from_ids():
+    """generate(inputs_embeds=...) returns only the new tokens, and they are those generate(input_ids) adds."""
+    model = tiny_model()
+    prompt = torch.randint(4, 97, (2, 7), generator=torch.Generator().manual_seed(4))
+    from_ids = model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    embeds = model.get_input_embeddings()(prompt)
+    from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(from_embeds, from_ids[:, 7:])
+
+
 def test_labels_give_the_mean_next_token_loss_and_gradients_reach_every_parameter():
     model = tiny_model().train()
     ids = torch.randint(4, 97, (2, 16))

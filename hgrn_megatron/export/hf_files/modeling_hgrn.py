@@ -204,6 +204,7 @@ class HGRNCache:
     def __init__(self, num_layers: int):
         self.states: list[torch.Tensor | None] = [None] * num_layers
         self.seen_tokens = 0
+        self.seen_token_ids = 0  # of those, fed as ids: generate() from inputs_embeds keeps only new ids
         self.last_token_was_eos: torch.Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -305,6 +306,7 @@ class HGRNModel(HGRNPreTrainedModel):
             hidden.append(x)
         if cache is not None:
             cache.seen_tokens += seq_len
+            cache.seen_token_ids += seq_len if input_ids is not None else 0
             if input_ids is not None and self.config.eos_token_id is not None:
                 cache.last_token_was_eos = input_ids[:, -1] == self.config.eos_token_id
         return x, cache, tuple(hidden) if hidden is not None else None
@@ -374,7 +376,7 @@ class HGRNForCausalLM(HGRNPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         inputs = {"cache": cache, "attention_mask": attention_mask, "use_cache": use_cache}
         if cache is not None and cache.seen_tokens > 0:
-            inputs["input_ids"] = input_ids[:, cache.seen_tokens:]
+            inputs["input_ids"] = input_ids[:, cache.seen_token_ids:]
         elif inputs_embeds is not None:
             inputs["inputs_embeds"] = inputs_embeds
         else:
