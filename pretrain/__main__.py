@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the config for --world-size ranks, print the plan (parameters, FLOPs, batch "
                              "arithmetic, DeepSpeed JSON) and exit; starts no process group, needs no GPU")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: the number of ranks to plan for (default: the launcher's)")
+                        help="with --dry-run: the number of ranks to plan for (default: the launcher's; on one "
+                             "process, the config's tensor_parallel_size)")
     args = parser.parse_args(argv)
 
     configure_environment()
@@ -86,12 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     from hgrn_megatron.pretrain.config import dump_config, load_config
     from hgrn_megatron.pretrain.distributed import launch_env
 
-    le = launch_env()
-    world_size = args.world_size if args.dry_run and args.world_size else le.world_size
+    try:
+        le = launch_env()
+    except RuntimeError as err:
+        print(f"hgrn-pretrain: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.validate_world(world_size)
-        if not args.dry_run:  # a dry run plans a cluster job from anywhere: it reports the data instead
+        # --print-config shows a config from anywhere; a dry run plans for --world-size ranks, by default the
+        # launcher's, or on one process the smallest world the config fits (its TP size).
+        world_size = args.world_size or (le.world_size if le.world_size > 1 or not args.dry_run
+                                         else cfg.parallel.tensor_parallel_size)
+        if not args.print_config:
+            cfg.validate_world(world_size)
+        if not (args.dry_run or args.print_config):  # a dry run reports the data instead
             cfg.data.check_paths()  # a missing shard path or an empty glob fails here, not on some rank later
     except ConfigError as err:
         print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
@@ -107,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     patch_for_cpu()
     import torch.distributed as dist
 
+    from hgrn_megatron.pretrain.checkpoint import CheckpointError
     from hgrn_megatron.pretrain.trainer import TrainingAborted, train
 
     try:
@@ -114,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as err:
         logging.getLogger("hgrn_megatron.pretrain").error("aborted: %s", err)
         return EXIT_ABORTED
+    except (CheckpointError, ConfigError) as err:  # the checkpoint or data do not fit this config / command
+        logging.getLogger("hgrn_megatron.pretrain").error("cannot start: %s", err)
+        return EXIT_CONFIG_ERROR
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

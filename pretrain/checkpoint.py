@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') writes to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder below `root`, then `root`: DeepSpeed's own writes are not synced, and retention
+    deletes the previous checkpoint right after this one is renamed into place."""
+    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+        _fsync(path)
 
 
 # ---------------------------------------------------------------- RNG
@@ -220,11 +240,14 @@ def save_checkpoint(
         atomic_write_bytes(tmp / "run_state.json", json.dumps(run_state, indent=1).encode())
         atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
     dist.barrier()
+    _fsync_tree(tmp)  # every rank (each flushes what it wrote) before rank 0 renames the folder into place
+    dist.barrier()
     if rank == 0:
         write_manifest(tmp)
         if final.exists():  # an earlier, possibly torn, save of the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(ckpt_root)
         atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
         apply_retention(ckpt_root, keep_last, keep_every)
     dist.barrier()
@@ -241,6 +264,22 @@ def apply_retention(ckpt_root: Path, keep_last: int, keep_every: int | None) -> 
             shutil.rmtree(path, ignore_errors=True)
     for stale in ckpt_root.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(ckpt_root: Path, step: int) -> Path | None:
+    """Move the checkpoints of steps after `step` (a run resumed from an older checkpoint, or started afresh
+    with --resume none, in a folder that has them) to `abandoned/after-step-N-<time>/`: kept, but neither
+    resumed by a later --resume auto nor counted by retention, which would otherwise delete the new run's
+    checkpoints in their favour. Rank 0 only. Returns the folder they went to, if any."""
+    later = [path for s, path in list_checkpoints(ckpt_root) if s > step]
+    if not later:
+        return None
+    target = ckpt_root / "abandoned" / f"after-{step_dir_name(step)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(parents=True)
+    for path in later:
+        os.replace(path, target / path.name)
+    _fsync(ckpt_root)
+    return target
 
 
 # ---------------------------------------------------------------- load

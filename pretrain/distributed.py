@@ -26,6 +26,13 @@ def launch_env() -> LaunchEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
         # srun one task per GPU: SLURM's own variables; the sbatch script exports MASTER_ADDR/PORT.
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # One of several srun tasks without a rendezvous address: as "single" each would train alone as rank 0,
+        # all writing one run directory.
+        raise RuntimeError(
+            f"launched by srun as task {env['SLURM_PROCID']} of {env['SLURM_STEP_NUM_TASKS']}, but MASTER_ADDR is "
+            "not set: export MASTER_ADDR and MASTER_PORT (launch/slurm/pretrain.sbatch does), or start one task "
+            "per node running torchrun")
     return LaunchEnv(0, 1, 0, "single")
 
 
@@ -112,16 +119,17 @@ class MegatronMpu:
 
 def all_reduce_flag(flag: bool) -> bool:
     """True on every rank if it is True on any rank (the agreement every collective decision needs)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
 def all_reduce_max(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

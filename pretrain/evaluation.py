@@ -8,38 +8,47 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, stop=None) -> dict | None:
+def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, stop=None,
+             filler: dict | None = None) -> dict | None:
     """Token-weighted mean loss over this rank's validation batches, all-reduced over data-parallel ranks.
+    `filler`: a batch to run (and discard) on a rank that has none, where other ranks still have some.
 
     Returns {"val_loss", "val_ppl", "val_tokens", "val_loss/<source>"...}, or None when `stop.agreed()` asked to
     stop part-way (checked between batches so a preemption is not delayed by a long evaluation).
     """
+    from hgrn_megatron.pretrain.distributed import comm_device
+
     engine.eval()
     n = len(source_names)
     sums = torch.zeros(n + 1, dtype=torch.float64)  # per source, then overall
     counts = torch.zeros(n + 1, dtype=torch.float64)
-    # Every rank must run the same number of collective checks: the batch count is all-reduced first.
-    local_batches = torch.tensor([float(len(batches))])
-    dist.all_reduce(local_batches, op=dist.ReduceOp.MAX)
-    for i in range(int(local_batches.item())):
+    # Ranks may hold different numbers of batches; every rank runs the largest count, so that the collective
+    # checks, and under ZeRO-3 the forward's own parameter gathers, pair up. A rank past its own batches
+    # repeats one and discards the result.
+    rounds = torch.tensor([float(len(batches))], device=comm_device())
+    dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    gathers_in_forward = engine.zero_optimization_stage() == 3
+    for i in range(int(rounds.item())):
         if stop is not None and stop.agreed():
             engine.train()
             return None
+        if i >= len(batches) and not (gathers_in_forward and (batches or filler)):
+            continue
+        batch = batches[min(i, len(batches) - 1)] if batches else filler
+        tokens = batch["tokens"].to(engine.device)
+        doc_start = batch["doc_start"].to(engine.device)
+        loss = engine(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1]).double().cpu()
         if i >= len(batches):
             continue
-        batch = batches[i]
-        tokens = batch["tokens"]
-        loss = engine(
-            tokens[:, :-1], labels=tokens[:, 1:], doc_start=batch["doc_start"][:, :-1]
-        ).double().cpu()
-        src = batch["source_ids"][:, 1:].cpu()
+        src = batch["source_ids"][:, 1:]
         sums[:n] += torch.zeros(n, dtype=torch.float64).index_add_(0, src.reshape(-1), loss.reshape(-1))
         counts[:n] += torch.bincount(src.reshape(-1), minlength=n).double()
         sums[n] += loss.sum()
         counts[n] += loss.numel()
     engine.train()
-    for t in (sums, counts):
-        dist.all_reduce(t, group=dp_group)
+    totals = torch.stack([sums, counts]).to(comm_device())
+    dist.all_reduce(totals, group=dp_group)
+    sums, counts = totals.cpu()
     overall = (sums[n] / counts[n]).item()
     out = {"val_loss": overall, "val_ppl": math.exp(min(overall, 50.0)), "val_tokens": int(counts[n].item())}
     for i, name in enumerate(source_names):

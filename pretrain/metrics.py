@@ -52,17 +52,19 @@ def format_duration(seconds: float) -> str:
 class MetricsWriter:
     """Rank-0 sink for scalars. `metrics.jsonl` gets one JSON object per call of `write`."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool, start_step: int = 0):
+        """`start_step`: the step the run resumes from; what an earlier attempt logged after it is dropped
+        (metrics.jsonl rewritten, TensorBoard told to purge later events), so each step appears exactly once."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self._truncate_after(start_step)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after the checkpoint, so each step appears exactly once."""
+    def _truncate_after(self, step: int) -> None:
         if not (self.enabled and self.path.is_file()):
             return
         kept = []

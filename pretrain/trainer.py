@@ -19,7 +19,13 @@ import torch.distributed as dist
 from hgrn_megatron.pretrain import EXIT_OK, EXIT_REQUEUE
 from hgrn_megatron.pretrain import checkpoint as ckpt_io
 from hgrn_megatron.pretrain.config import RunConfig, dump_config
-from hgrn_megatron.pretrain.distributed import all_reduce_flag, init_distributed, init_model_parallel
+from hgrn_megatron.pretrain.distributed import (
+    all_reduce_flag,
+    all_reduce_max,
+    comm_device,
+    init_distributed,
+    init_model_parallel,
+)
 from hgrn_megatron.pretrain.engine import build_engine, learning_rate, set_learning_rate
 from hgrn_megatron.pretrain.evaluation import evaluate
 from hgrn_megatron.pretrain.metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
@@ -72,9 +78,9 @@ def _data_totals(loader, dp_group) -> dict:
     from hgrn_megatron.pretrain.data import SKIP_KINDS
 
     stats = loader.stats()
-    per_lane = torch.from_numpy(loader.lane_counts(SKIP_KINDS))
+    per_lane = torch.from_numpy(loader.lane_counts(SKIP_KINDS)).to(comm_device())
     dist.all_reduce(per_lane, op=dist.ReduceOp.MAX, group=dp_group)
-    t = per_lane.sum(dim=0)
+    t = per_lane.sum(dim=0).cpu()
     out = {"data_documents": int(t[0]), "data_skipped_records": int(t[1:].sum())}
     out.update({f"data_skipped/{k}": int(v) for k, v in zip(SKIP_KINDS, t[1:].tolist()) if v})
     out["data_loader_tokens_per_s"] = stats.get("loader_tokens_per_s")
@@ -90,12 +96,15 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
 
     # ------------------------------------------------------------ set-up
+    # Signal handlers first: a preemption notice during the (minutes-long) set-up is kept, not lost.
+    stop = StopRequest(cfg.train.preemption_signals, cfg.train.exit_after_minutes)
     init_distributed(cfg.parallel.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg.validate_world(world)
     tp = cfg.parallel.tensor_parallel_size
     init_model_parallel(tp)
-    dp_rank, dp_size, tp_rank = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
     run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,13 +113,25 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     tokenizer = Tokenizer.load(cfg.tokenizer.model)
     padded_vocab = padded_vocab_size(tokenizer.vocab_size, tp)
 
-    # Rank 0 chooses the checkpoint (the newest that verifies) and every rank follows that choice.
-    choice = [str(ckpt_io.resolve_checkpoint_arg(resume, ckpt_root) or "") if rank == 0 else None]
+    # Rank 0 chooses the checkpoint (the newest that verifies) and every rank follows that choice, or raises
+    # the same error. Checkpoints after the chosen step belong to an abandoned run: rank 0 sets them aside.
+    choice = [None]
+    if rank == 0:
+        try:
+            chosen = ckpt_io.resolve_checkpoint_arg(resume, ckpt_root)
+            choice = [("ok", str(chosen or ""))]
+            start = ckpt_io.read_run_state(chosen)["step"] if chosen else 0
+            if moved := ckpt_io.set_aside_later_checkpoints(ckpt_root, start):
+                log.warning("checkpoints after step %d (an abandoned run) moved to %s", start, moved)
+        except ckpt_io.CheckpointError as err:
+            choice = [("error", str(err))]
     dist.broadcast_object_list(choice, src=0)
-    ckpt_dir = Path(choice[0]) if choice[0] else None
+    if choice[0][0] == "error":
+        raise ckpt_io.CheckpointError(choice[0][1])
+    ckpt_dir = Path(choice[0][1]) if choice[0][1] else None
     run_state = ckpt_io.read_run_state(ckpt_dir) if ckpt_dir else None
     if run_state and run_state["tokenizer_sha256"] != tokenizer.sha256:
-        raise TrainingAborted(
+        raise ckpt_io.CheckpointError(
             f"{ckpt_dir}: trained with tokenizer sha256 {run_state['tokenizer_sha256'][:12]}..., but "
             f"{cfg.tokenizer.model} has {tokenizer.sha256[:12]}...; resume with the same tokenizer"
         )
@@ -118,22 +139,25 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     # per-parameter rules that checkpoints record since run-state format 2.
     universal = bool(run_state) and (run_state["dp_size"], run_state["tp_size"]) != (dp_size, tp)
     if universal and run_state["tp_size"] != tp and run_state.get("format", 1) < 2:
-        raise TrainingAborted(
+        raise ckpt_io.CheckpointError(
             f"{ckpt_dir}: changing TP ({run_state['tp_size']} -> {tp}) needs a checkpoint that records its TP merge "
             "rules (saved by this version); resume it at its own TP size once and save again"
         )
 
     engine = build_engine(cfg, padded_vocab, dp_size, load_universal=universal)
+    device = engine.device  # the loader yields CPU tensors; the model may live on a GPU
     _seed_rank_rngs(cfg.train.seed, rank, 0)
-    step, consumed_samples, skipped_total, data_state = 0, 0, 0, None
+    step, consumed_samples, skipped_total, in_a_row, data_state = 0, 0, 0, 0, None
     if ckpt_dir:
         ckpt_io.load_checkpoint(engine, ckpt_dir, universal=universal)
         step, consumed_samples = run_state["step"], run_state["consumed_samples"]
         skipped_total = run_state.get("skipped_steps", 0)
+        in_a_row = run_state.get("nonfinite_in_a_row", 0)  # a streak goes on across a requeue
         data_state = ckpt_io.load_data_state(ckpt_dir)
         if universal:
             _seed_rank_rngs(cfg.train.seed, rank, step)
-        log.info("resumed from %s at step %d (%s)", ckpt_dir, step, "universal: new DP/TP size" if universal else "exact")
+        log.info("resumed from %s at step %d (%s)", ckpt_dir, step,
+                 "universal: new DP/TP size" if universal else "exact")
 
     seq = cfg.model.seq_length
     mb, ga = cfg.train.micro_batch_size, cfg.grad_accumulation_steps(dp_size)
@@ -142,10 +166,12 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     if cfg.train.eval_interval:
         val = build_validation_batches(cfg.data, tokenizer, seq, mb, dp_rank, dp_size)
         val_batches, val_sources = val["batches"], val["source_names"]
+    evaluating = bool(cfg.train.eval_interval) and all_reduce_max(len(val_batches)) > 0
+    if cfg.train.eval_interval and not evaluating and rank == 0:
+        log.warning("train.eval_interval is %d but there are no validation samples (data.valid_shards: %s); "
+                    "validation is off", cfg.train.eval_interval, cfg.data.valid_shards or "none")
 
-    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard, enabled=rank == 0)
-    metrics.truncate_after(step)
-    stop = StopRequest(cfg.train.preemption_signals, cfg.train.exit_after_minutes)
+    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard, enabled=rank == 0, start_step=step)
     flops_tok = flops_per_token(cfg.model, padded_vocab, seq)
     peak = device_peak_flops(cfg.train.precision)
     inject = set(cfg.train.inject_nonfinite_at_steps)
@@ -167,7 +193,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
             "step": at_step, "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * seq,
             "world_size": world, "dp_size": dp_size, "tp_size": tp, "zero_stage": cfg.parallel.zero_stage,
             "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-            "padded_vocab_size": padded_vocab, "skipped_steps": skipped_total, "last_val_loss": last_val_loss,
+            "padded_vocab_size": padded_vocab, "skipped_steps": skipped_total, "nonfinite_in_a_row": in_a_row,
+            "last_val_loss": last_val_loss,
         }
         nonlocal saved_at
         saved_at = at_step
@@ -179,7 +206,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
 
     # ------------------------------------------------------------ loop
     last_val_loss = run_state.get("last_val_loss") if run_state else None
-    in_a_row, interval_losses, interval_skipped = 0, [], 0
+    interval_losses, interval_skipped = [], 0
     interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
     result: TrainResult | None = None
     saved_at = step
@@ -192,8 +219,9 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                 t_wait = time.perf_counter()
                 batch = next(loader)
                 interval_wait += time.perf_counter() - t_wait
-                tokens = batch["tokens"]
-                loss = engine(tokens[:, :-1], labels=tokens[:, 1:], doc_start=batch["doc_start"][:, :-1]).float().mean()
+                tokens = batch["tokens"].to(device, non_blocking=True)
+                doc_start = batch["doc_start"].to(device, non_blocking=True)
+                loss = engine(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1]).float().mean()
                 if step + 1 in inject:
                     loss = loss * float("nan")
                 engine.backward(loss)
@@ -202,7 +230,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                     # ZeRO >= 1 and bf16 measure the gradient norm and skip non-finite updates inside DeepSpeed;
                     # plain fp32 data parallelism does neither, so the trainer does both here.
                     zero0_grad_norm = _grad_norm(engine)
-                    if all_reduce_flag(not (math.isfinite(zero0_grad_norm) and torch.isfinite(torch.stack(local_losses)).all())):
+                    finite = math.isfinite(zero0_grad_norm) and torch.isfinite(torch.stack(local_losses)).all()
+                    if all_reduce_flag(not finite):
                         _step_without_update(engine)
                         continue
                 engine.step()
@@ -252,8 +281,10 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                 interval_losses, interval_skipped, interval_wait, interval_steps = [], 0, 0.0, 0
                 interval_start = time.perf_counter()
 
-            if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-                val = evaluate(engine, val_batches, val_sources, ps.get_data_parallel_group(), stop)
+            if evaluating and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+                val = evaluate(engine, val_batches, val_sources, ps.get_data_parallel_group(), stop,
+                               filler={"tokens": torch.zeros(mb, seq + 1, dtype=torch.long),
+                                       "doc_start": torch.zeros(mb, seq + 1, dtype=torch.bool)})
                 if val is None:  # preempted during evaluation
                     save(step)
                     result = TrainResult(EXIT_REQUEUE, step, stop.local_reason() or "stop requested by a peer")
@@ -263,15 +294,14 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                     log.info("step %d | val loss %.4f | val ppl %.2f", step, val["val_loss"], val["val_ppl"])
                 metrics.write({"split": "val", "step": step, **val}, prefix="val")
 
-            if step == cfg.train.steps:
-                if cfg.checkpoint.save_at_end:
-                    save(step)
+            at_end = step == cfg.train.steps
+            due = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0
+            if at_end and cfg.checkpoint.save_at_end or due and not in_a_row:
+                save(step)
+            elif due:  # inside a non-finite streak: keep the last clean checkpoint as the newest
+                log.warning("step %d: checkpoint deferred (non-finite streak of %d)", step, in_a_row)
+            if at_end:
                 break
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                if in_a_row:  # inside a non-finite streak: keep the last clean checkpoint as the newest
-                    log.warning("step %d: checkpoint deferred (non-finite streak of %d)", step, in_a_row)
-                else:
-                    save(step)
             if stop.agreed():
                 if saved_at != step:
                     save(step)

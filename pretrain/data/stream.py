@@ -63,7 +63,11 @@ class RecordStream:
         self._shard = shard
         self._lines = iter_lines(self.paths[shard])
         for skipped in range(self._line):
-            if next(self._lines, None) is None:
+            item = next(self._lines, None)
+            if isinstance(item, StreamFault):  # resuming would silently read other data than the saved state's
+                raise DataError(f"{self.paths[shard]}: resuming at line {self._line + 1} of this shard, but it "
+                                f"fails after {skipped} lines ({item.kind}: {item.detail})")
+            if item is None:
                 raise DataError(
                     f"{self.paths[shard]}: the saved data state points at line {self._line + 1}, but the shard "
                     f"has only {skipped} records now; was the shard changed or replaced since the checkpoint?"

@@ -135,3 +135,21 @@ def test_mismatched_states_are_refused_with_a_reason(uninterrupted, corpus, toke
         merge_data_states(states[:1])
     with pytest.raises(DataError, match=r"rank 1's data state of 2; merge all ranks' states"):
         TrainLoader(cfg, tokenizer, S, MB, 0, 1, state=states[1])
+
+
+def test_resuming_into_an_unreadable_shard_says_so(tmp_path):
+    """A shard that cannot be opened any more where the saved state resumes mid-shard: the error names the
+    file and the failure, not a shard that merely got shorter."""
+    import zstandard
+
+    from hgrn_megatron.pretrain.data.mixture import Mixture
+    from hgrn_megatron.pretrain.data.stream import Position, RecordStream
+
+    shard = tmp_path / "a.jsonl.zst"
+    shard.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n' * 10))
+    start = Position(ordinal=5, pass_index=0, slot=0, line=5)
+    assert RecordStream([shard], ["a"], Mixture(1, 0), start).next()[0].line == 5
+    shard.unlink()  # e.g. a file system that is not mounted on this node
+    with pytest.raises(DataError, match=r"a\.jsonl\.zst: resuming at line 6 of this shard, but it fails after 0 "
+                                        r"lines \(unreadable_shard: cannot open"):
+        RecordStream([shard], ["a"], Mixture(1, 0), start)
