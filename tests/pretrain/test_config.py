@@ -93,3 +93,15 @@ def test_dry_run_plans_a_cluster_job_without_starting_anything(capsys):
     # 512 samples do not split over 48 ranks of micro-batch 4: the same one-line error as a real launch.
     assert main(["--config", config, "--dry-run", "--world-size", "48"]) == EXIT_CONFIG_ERROR
     assert "(4 x 48 = 192)" in capsys.readouterr().err
+
+
+def test_print_config_and_dry_run_work_from_a_laptop_for_a_tp2_config(capsys, monkeypatch):
+    """configs/hgrn-7b.yaml has TP 2 and cluster data paths: --print-config shows it anyway, and a dry run
+    without --world-size plans for its smallest world (2 ranks), on one process."""
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "hgrn-7b.yaml")
+    assert main(["--config", config, "--print-config"]) == 0
+    assert "tensor_parallel_size: 2" in capsys.readouterr().out
+    assert main(["--config", config, "--dry-run"]) == 0
+    assert "world 2 = TP 2 x DP 1" in capsys.readouterr().out
