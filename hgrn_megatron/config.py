@@ -107,6 +107,13 @@ class ModelConfig(ConfigNode):
             raise ValueError(
                 f"recompute_num_layers ({self.recompute_num_layers}) exceeds num_layers ({self.num_layers})"
             )
+        if (self.recompute_granularity and self.recompute_method == "uniform"
+                and self.num_layers % self.recompute_num_layers):
+            # megatron-core runs groups [i, i + n) without clamping the last one: an IndexError at the first step
+            raise ValueError(
+                f"recompute_method 'uniform' needs recompute_num_layers ({self.recompute_num_layers}) to divide "
+                f"num_layers ({self.num_layers}); or use recompute_method 'block'"
+            )
         return self
 
     # ------------------------------------------------------------ derived

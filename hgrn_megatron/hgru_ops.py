@@ -27,7 +27,7 @@ def forget_gate(f: torch.Tensor, lower_bound: torch.Tensor | None) -> tuple[torc
     logaddexp(log γ, log(1 − γ) + logσ(f)) otherwise (accurate for small λ, and never above log 1/2, so the
     scan's log gate stays <= 0). γ = None means γ = 0. Differentiable in f and γ (see `_ForgetGate`).
     """
-    return _ForgetGate.apply(f.float(), None if lower_bound is None else lower_bound.float())
+    return _ForgetGate.apply(f, None if lower_bound is None else _wide(lower_bound))
 
 
 def _forget_gate_values(f: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +56,18 @@ class _ForgetGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, gamma):
-        ctx.save_for_backward(f, gamma)
-        return _forget_gate_values(f, gamma)
+        ctx.save_for_backward(f, gamma)  # f in its own dtype (bf16 in bf16 training): half an fp32 copy's bytes
+        return _forget_gate_values(_wide(f), gamma)
 
     @staticmethod
     def backward(ctx, d_log_lambda, d_one_minus_lambda):
         f, gamma = ctx.saved_tensors
+        f_dtype, f = f.dtype, _wide(f)
+        df, d_gamma = _ForgetGate._gradients(f, gamma, d_log_lambda, d_one_minus_lambda, ctx.needs_input_grad[1])
+        return df.to(f_dtype), d_gamma
+
+    @staticmethod
+    def _gradients(f, gamma, d_log_lambda, d_one_minus_lambda, need_gamma: bool):
         s = torch.sigmoid(-f)
         q = torch.sigmoid(f)
         if gamma is None:  # λ = σ(f)
@@ -71,7 +77,7 @@ class _ForgetGate(torch.autograd.Function):
         df = torch.div(q, lam).nan_to_num_(nan=1.0).mul_(d_log_lambda).addcmul_(q, d_one_minus_lambda, value=-1)
         df.mul_(s)
         d_gamma = None
-        if ctx.needs_input_grad[1]:
+        if need_gamma:
             d_gamma = torch.div(d_log_lambda, lam).sub_(d_one_minus_lambda).mul_(s).sum_to_size(gamma.shape)
         return df, d_gamma
 

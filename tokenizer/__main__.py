@@ -58,6 +58,13 @@ def _encode(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hgrn-tokenizer", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     i = sub.add_parser("info", help="print a tokenizer's metadata and the vocab padding for a TP size")
     i.add_argument("path")
-    i.add_argument("--tp", type=int, default=1)
+    i.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size the vocabulary is padded for")
     i.set_defaults(fn=_info)
     e = sub.add_parser("encode", help="print the ids and pieces of a text")
     e.add_argument("path")

@@ -96,12 +96,19 @@ class Tokenizer:
             tok = cls(model_path, metadata)
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"{model_path}: not a SentencePiece model ({err})") from None
-        recorded = {"vocab_size": metadata.get("vocab_size"), **metadata.get("special_ids", {})}
+        special = metadata.get("special_ids")
+        if not isinstance(special, dict):
+            raise TokenizerError(f"{meta_path}: field 'special_ids' must be an object like {SPECIAL_IDS}, "
+                                 f"got {special!r}")
+        recorded = {"vocab_size": metadata.get("vocab_size"), **special}
         found = {
             "vocab_size": tok.vocab_size, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id
         }
         if recorded != found:
             raise TokenizerError(f"{meta_path}: records {recorded}, but {model_path.name} has {found}")
+        if special != SPECIAL_IDS:  # the data pipeline, the model and the HF export rely on these ids
+            raise TokenizerError(f"{model_path}: special ids {special}, expected {SPECIAL_IDS} "
+                                 "(train it with hgrn-tokenizer train)")
         return tok
 
     # ------------------------------------------------------------ encoding

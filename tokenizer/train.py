@@ -8,6 +8,7 @@ digits are split (one piece per digit, as in LLaMA, Touvron et al. 2023, section
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from hgrn_megatron.tokenizer.model import (
     SPECIAL_IDS,
     VOCAB_FILE,
     Tokenizer,
+    TokenizerError,
     sha256_file,
 )
 
@@ -90,11 +92,46 @@ def _training_lines(texts: Iterator[tuple[str, str]], max_bytes: int, stats: Cou
             if len(data) <= max_bytes:
                 yield line
                 continue
-            # Cut over-long lines (minified code, tables) at character boundaries rather than losing them.
-            for start in range(0, len(data), max_bytes):
-                piece = data[start : start + max_bytes].decode("utf-8", errors="ignore")
-                if piece:
-                    yield piece
+            # Cut over-long lines (minified code, tables) into pieces of <= max_bytes, each ending on a
+            # character boundary, rather than losing them (or the characters a blind byte cut would split).
+            start = 0
+            while start < len(data):
+                end = min(start + max_bytes, len(data))
+                while start < end < len(data) and data[end] & 0xC0 == 0x80:  # inside a multi-byte character
+                    end -= 1
+                if end == start:  # one character longer than max_bytes (max_bytes < 4): keep it whole
+                    end += 1
+                    while end < len(data) and data[end] & 0xC0 == 0x80:
+                        end += 1
+                yield data[start:end].decode("utf-8")
+                start = end
+
+
+def _train_sentencepiece(lines: Iterator[str], prefix: str, cfg: TokenizerTrainConfig) -> None:
+    """SentencePiece with this project's fixed settings (byte fallback, split digits, no normalisation, the
+    special ids of `SPECIAL_IDS`); writes PREFIX.model and PREFIX.vocab."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_prefix=prefix,
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=cfg.max_sentence_length,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=cfg.num_threads,
+        unk_id=SPECIAL_IDS["unk"],
+        bos_id=SPECIAL_IDS["bos"],
+        eos_id=SPECIAL_IDS["eos"],
+        pad_id=SPECIAL_IDS["pad"],
+        minloglevel=2,
+    )
 
 
 def train_tokenizer(
@@ -107,44 +144,36 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a SentencePiece model on documents sampled from `shards`; write DIR/tokenizer.{model,vocab,json}.
 
-    `options` are `TokenizerTrainConfig` fields (vocab_size, model_type, sample_documents, sample_chars, ...).
-    The files appear together at the end (written in a temporary directory, then moved into place).
+    Give either `cfg` or `options` (`TokenizerTrainConfig` fields: vocab_size, model_type, sample_documents,
+    sample_chars, ...). The files appear together at the end (written in a temporary directory, then moved
+    into place). Raises TokenizerError naming the problem for an unusable sample or output path.
     """
+    if cfg is not None and options:
+        raise TypeError(f"train_tokenizer: pass either cfg or options, not both (got options {sorted(options)})")
     cfg = cfg or TokenizerTrainConfig.build(options, where="tokenizer.train")
     paths = resolve_shards(shards, field="--shards")
     names = shard_display_names(paths)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TokenizerError(f"--out {out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     counters = DataCounters()
     stats: Counter = Counter()
     started = time.time()
     lines = _training_lines(sample_documents(paths, names, cfg, counters, progress), cfg.max_sentence_length, stats)
+    first = next(lines, None)  # SentencePiece reports an empty corpus as a failed internal check
+    if first is None:
+        raise TokenizerError(f"--shards: no usable documents (a non-empty '{cfg.text_field}') in the "
+                             f"{len(paths)} shards {names[:3]}{' ...' if len(names) > 3 else ''}; skipped "
+                             f"records: {counters.summary()['skipped_by_kind'] or 'none'}")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".train-") as tmp:
         prefix = os.path.join(tmp, "tokenizer")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines,
-            model_prefix=prefix,
-            model_type=cfg.model_type,
-            vocab_size=cfg.vocab_size,
-            character_coverage=cfg.character_coverage,
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            max_sentence_length=cfg.max_sentence_length,
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            num_threads=cfg.num_threads,
-            unk_id=SPECIAL_IDS["unk"],
-            bos_id=SPECIAL_IDS["bos"],
-            eos_id=SPECIAL_IDS["eos"],
-            pad_id=SPECIAL_IDS["pad"],
-            minloglevel=2,
-        )
-        if stats["documents"] == 0:
-            raise ValueError(f"--shards: no usable documents in {len(paths)} shards")
+        try:
+            _train_sentencepiece(itertools.chain([first], lines), prefix, cfg)
+        except RuntimeError as err:  # e.g. a vocab_size the sample cannot fill, or one below its characters
+            detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise TokenizerError(f"SentencePiece could not train on this sample with vocab_size "
+                                 f"{cfg.vocab_size}: {detail}") from None
         summary = counters.summary()
         metadata = {
             "format": METADATA_FORMAT,

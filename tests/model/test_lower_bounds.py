@@ -86,3 +86,21 @@ def test_forget_gate_gradient_matches_float64():
     log_lambda, one_minus = forget_gate(f, None)
     (log_lambda.sum() + one_minus.sum()).backward()
     assert torch.isfinite(f.grad).all()
+
+
+def test_forget_gate_saves_its_bf16_input_and_returns_a_bf16_gradient():
+    """bf16 training: the backward keeps f as given (2 bytes per value, not an fp32 copy) and γ; the gradient
+    comes back in bf16 and equals the fp32 computation's, rounded."""
+    from hgrn_megatron.testing.memory import saved_tensor_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    f = (3 * torch.randn(4, 64, 32, generator=gen)).bfloat16().requires_grad_()
+    gamma = torch.rand(32, generator=gen).requires_grad_()
+    (log_lambda, one_minus), saved = saved_tensor_bytes(lambda: forget_gate(f, gamma), [])
+    assert saved == f.numel() * 2 + gamma.numel() * 4
+    w = torch.randn(log_lambda.shape, generator=gen)
+    (log_lambda * w + one_minus).sum().backward()
+    f32 = f.detach().float().requires_grad_()
+    a, b = forget_gate(f32, gamma.detach())
+    (a * w + b).sum().backward()
+    assert f.grad.dtype == torch.bfloat16 and torch.equal(f.grad, f32.grad.bfloat16())

@@ -54,3 +54,8 @@ def test_recompute_layers_must_fit_the_model():
     with pytest.raises(ValueError, match=r"recompute_num_layers \(9\) exceeds num_layers \(4\)"):
         ModelConfig.build({"preset": "tiny", "num_layers": 4, "recompute_granularity": "full",
                            "recompute_num_layers": 9})
+    with pytest.raises(ValueError, match=r"'uniform' needs recompute_num_layers \(3\) to divide num_layers \(4\)"):
+        ModelConfig.build({"preset": "tiny", "num_layers": 4, "recompute_granularity": "full",
+                           "recompute_method": "uniform", "recompute_num_layers": 3})
+    ModelConfig.build({"preset": "tiny", "num_layers": 4, "recompute_granularity": "full",  # block: any count
+                       "recompute_method": "block", "recompute_num_layers": 3})

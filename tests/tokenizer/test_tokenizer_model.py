@@ -96,8 +96,31 @@ def test_load_refuses_a_mismatched_or_incomplete_tokenizer(tmp_path):
     with pytest.raises(TokenizerError, match=r"records .*'eos': 5.* but tokenizer.model has"):
         Tokenizer.load(copy)
 
+    for bad in (None, [0, 1, 2, 3]):
+        (copy / "tokenizer.json").write_text(json.dumps({**meta, "special_ids": bad}))
+        with pytest.raises(TokenizerError, match=r"tokenizer.json: field 'special_ids' must be an object"):
+            Tokenizer.load(copy)
+
     (copy / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match=r"tokenizer.json: metadata file missing"):
         Tokenizer.load(copy)
     with pytest.raises(TokenizerError, match=r"does not exist"):
         Tokenizer.load(tmp_path / "nowhere")
+
+
+def test_load_refuses_a_model_without_the_fixed_special_ids(tmp_path):
+    """A SentencePiece model (with metadata that agrees with it) whose EOS is -1: the data pipeline would append
+    -1 to every document, so it is refused with the expected ids."""
+    import sentencepiece as spm
+
+    from hgrn_megatron.tokenizer.model import METADATA_FORMAT, SPECIAL_IDS, sha256_file
+
+    text = ["the quick brown fox jumps over the lazy dog %d" % i for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=40, unk_id=0, bos_id=1, eos_id=-1, pad_id=-1, minloglevel=2)
+    special = {"unk": 0, "bos": 1, "eos": -1, "pad": -1}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "format": METADATA_FORMAT, "sha256": sha256_file(tmp_path / "tokenizer.model"), "vocab_size": 40,
+        "special_ids": special}))
+    with pytest.raises(TokenizerError, match=rf"special ids .*'eos': -1.*, expected {SPECIAL_IDS}"):
+        Tokenizer.load(tmp_path)

@@ -11,7 +11,8 @@ import zstandard
 from hgrn_megatron.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from hgrn_megatron.tokenizer.__main__ import main
 
-WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore"]
+WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod",
+         "tempor", "incididunt", "ut", "labore"]
 
 
 def write_shards(root: Path, shards: int = 3, docs: int = 40) -> str:
@@ -62,3 +63,40 @@ def test_bad_options_and_paths_are_clear_errors(tmp_path, capsys):
     assert "--shards: glob" in capsys.readouterr().err
     with pytest.raises(Exception, match=r"vocab_size"):
         TokenizerTrainConfig.build({"vocab_size": 100})
+
+
+def test_unusable_samples_and_outputs_are_clear_errors(tmp_path, capsys):
+    """Exit 2 with one line, not a SentencePiece traceback: no documents with text, a vocabulary the sample
+    cannot fill, --out naming a file; cfg and options together are a programming error."""
+    empty = tmp_path / "empty.jsonl.zst"
+    empty.write_bytes(zstandard.ZstdCompressor().compress(b'{"content": "no text field"}\n' * 5))
+    assert main(["train", "--shards", str(empty), "--out", str(tmp_path / "t1"), "--quiet"]) == 2
+    assert "--shards: no usable documents (a non-empty 'text') in the 1 shards" in capsys.readouterr().err
+
+    shards = write_shards(tmp_path / "shards", shards=1, docs=10)
+    assert main(["train", "--shards", shards, "--out", str(tmp_path / "t2"), "--vocab-size", "100000",
+                 "--num-threads", "1", "--quiet"]) == 2
+    assert "SentencePiece could not train on this sample with vocab_size 100000: " in capsys.readouterr().err
+
+    (tmp_path / "a-file").write_text("x")
+    assert main(["train", "--shards", shards, "--out", str(tmp_path / "a-file"), "--quiet"]) == 2
+    assert "a-file: exists and is not a directory" in capsys.readouterr().err
+
+    with pytest.raises(TypeError, match=r"either cfg or options, not both \(got options \['vocab_size'\]\)"):
+        train_tokenizer([shards], tmp_path / "t3", TokenizerTrainConfig.build({}), vocab_size=500)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", str(tmp_path / "t2"), "--tp", "0"])
+    assert exit_info.value.code == 2 and "--tp: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_over_long_lines_are_cut_on_character_boundaries():
+    """max_sentence_length cuts bytes; a cut inside a multi-byte character moves back to its start, so the
+    pieces join up to the line again (a blind cut dropped the straddling character)."""
+    from collections import Counter
+
+    from hgrn_megatron.tokenizer.train import _training_lines
+
+    for line, limit in (("ééééé" + "xxx", 5), ("日本語のテキスト" * 3, 7), ("a😀b" * 4, 3), ("😀😀", 2)):
+        pieces = list(_training_lines(iter([(line, "src")]), limit, Counter()))
+        assert "".join(pieces) == line, pieces
+        assert all(len(p.encode()) <= max(limit, 4) for p in pieces), pieces
