@@ -14,6 +14,7 @@ consumed, whatever the workers have read ahead. `num_workers=0` runs the same co
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -170,15 +171,16 @@ class TrainLoader:
             return
         ctx = multiprocessing.get_context(cfg.worker_start_method)
         self._stop = ctx.Event()
-        pipes = [ctx.Pipe(duplex=False) for _ in range(W)]
-        self._conns = [reader for reader, _ in pipes]
         self._credits = [ctx.Semaphore(cfg.prefetch) for _ in range(W)]
-        for w, (_, writer) in enumerate(pipes):
+        for w in range(W):
+            # Each pipe is made just before its worker starts, so no worker forks with another's write end.
+            reader, writer = ctx.Pipe(duplex=False)
+            self._conns.append(reader)
             mine = [self._snapshots[lane] for lane in self.lanes[w::W]]
             p = ctx.Process(
                 target=_worker_main,
                 args=(w, self.spec, mine, tokenizer, self.start_sample, dp_rank, dp_size, writer, self._credits[w],
-                      self._stop, os.getpid(), self._conns),
+                      self._stop, os.getpid(), list(self._conns)),
                 name=f"data-worker-{dp_rank}-{w}",
                 daemon=True,
             )
@@ -187,6 +189,10 @@ class TrainLoader:
             # instead of waiting forever.
             writer.close()
             self._procs.append(p)
+        # Workers ignore SIGTERM (see _worker_main), and multiprocessing's exit handler terminates daemon children
+        # with SIGTERM before joining them: a loader never closed would keep the process from exiting. This
+        # handler runs first (exit handlers run last-registered first).
+        atexit.register(self.close)
 
     # ------------------------------------------------------------ iteration
     def __iter__(self):
@@ -318,6 +324,7 @@ class TrainLoader:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         if not self._procs:
             return
         self._stop.set()

@@ -106,9 +106,12 @@ class Lane:
             if self.restoring:
                 self._restore(pos, item, shard)
                 return
-            if pos.pass_index - self.doc_pass >= MAX_PASSES_WITHOUT_DOCUMENT:
+            # Counted in epochs: when the heaviest source is not in the heaviest shard group, the last passes of
+            # each epoch (ceil(max group weight x max source weight) of them) include no record at all.
+            limit = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
+            if pos.pass_index - self.doc_pass >= limit:
                 raise DataError(
-                    f"packing lane {self.index} found no usable document in {MAX_PASSES_WITHOUT_DOCUMENT} passes "
+                    f"packing lane {self.index} found no usable document in {limit} passes "
                     f"over {len(spec.paths)} shards (too few good records for {spec.lanes} lanes, or mixture "
                     f"weights near 0?); use fewer data.lanes or check the shards with `hgrn-data verify`"
                 )

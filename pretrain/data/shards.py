@@ -214,6 +214,8 @@ class RecordParser:
             obj = json.loads(decoded)
         except ValueError as err:
             return BadRecord("invalid_json", UNKNOWN_SOURCE, f"invalid JSON: {err}")
+        except RecursionError:  # valid JSON nested deeper than the parser's recursion limit (~1000 levels)
+            return BadRecord("invalid_json", UNKNOWN_SOURCE, "JSON nested too deeply to parse")
         if not isinstance(obj, dict):
             return BadRecord("invalid_json", UNKNOWN_SOURCE, f"a JSON {type(obj).__name__}, not an object")
         source = _lookup(obj, self.source_path)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +49,54 @@ def test_a_dead_worker_is_reported_not_waited_for(corpus, tokenizer):
                 next(loader)
     finally:
         loader.close()
+
+
+def test_a_worker_dying_mid_message_is_reported(corpus, tokenizer):
+    """Samples larger than a pipe's buffer (64 KiB): a worker waiting for room dies with half a sample sent.
+    No other worker may hold its pipe's write end (forked workers inherited them when all pipes were made
+    first), or reading the rest of that message would wait forever."""
+
+    class Hung(Exception):  # not an OSError, which the loader would take for the worker's death
+        pass
+
+    def timeout(signum, frame):
+        raise Hung("next(loader) hung on a dead worker's pipe")
+
+    loader = TrainLoader(data_config(corpus["glob"], num_workers=2, lanes=2), tokenizer, 32768, 1, 0, 1)
+    previous = signal.signal(signal.SIGALRM, timeout)
+    try:
+        next(loader)
+        deadline = time.monotonic() + 30
+        while loader._conns[1].poll() is False:  # worker 1 has started to send its next sample
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # ... and is blocked in the middle of it
+        os.kill(loader._procs[1].pid, signal.SIGKILL)
+        loader._procs[1].join(5)
+        signal.alarm(60)
+        with pytest.raises(RuntimeError, match=r"data worker 1 .* died with exit code -9"):
+            for _ in range(20):
+                next(loader)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        loader.close()
+
+
+def test_a_loader_never_closed_does_not_keep_the_process_alive(corpus, tokenizer):
+    """Workers ignore SIGTERM (preemption notices are for the trainer), which multiprocessing's exit handler
+    sends them before joining: the loader stops its workers at exit itself, so an error before close() ends
+    the process instead of leaving it hanging."""
+    script = (
+        "from hgrn_megatron.pretrain.data import DataConfig, TrainLoader\n"
+        "from hgrn_megatron.tokenizer import Tokenizer\n"
+        f"cfg = DataConfig.build({{'train_shards': [{corpus['glob']!r}], 'num_workers': 2}})\n"
+        f"loader = TrainLoader(cfg, Tokenizer.load({str(tokenizer.model_path)!r}), 32, 1)\n"
+        "next(loader)\n"
+        "raise SystemExit(7)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7, done.stderr[-2000:]
 
 
 def test_shards_without_a_usable_document_stop_with_a_clear_error(tmp_path, tokenizer):

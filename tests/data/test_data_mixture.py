@@ -75,6 +75,23 @@ def test_shard_group_weights(tmp_path, tokenizer):
     assert epoch_text.count("heavy document 0 ") == 3 and epoch_text.count("light document 0 ") == 1
 
 
+def test_heaviest_source_outside_the_heaviest_group_leaves_empty_passes_not_an_error(tmp_path, tokenizer):
+    """Group weight 2 with source weight 3 in the other (weight-1) group: 6 passes per epoch, of which only the
+    first 3 include anything. The lane reads through the empty ones and keeps producing samples."""
+    write_zst(tmp_path / "g2.jsonl.zst", [record(f"grouped document {i} " + "word " * 20, "Web") for i in range(4)])
+    write_zst(tmp_path / "g1.jsonl.zst", [record(f"wiki document {i} " + "word " * 20, "Wiki") for i in range(4)])
+    cfg = DataConfig.build({
+        "train_groups": {"two": {"shards": [str(tmp_path / "g2.jsonl.zst")], "weight": 2.0},
+                         "one": {"shards": [str(tmp_path / "g1.jsonl.zst")], "weight": 1.0}},
+        "source_weights": {"Wiki": 3.0}, "lanes": 1, "num_workers": 0,
+    })
+    tokens, _, _, _ = run_ranks(cfg, tokenizer, 16, 1, 1, 120)  # 120 x 16 tokens: about three epochs
+    stream = np.concatenate([tokens[0], *[t[1:] for t in tokens[1:]]])
+    text = tokenizer.decode([t for t in stream.tolist() if t != tokenizer.eos_id])
+    first_epoch = text[: text.index("wiki document 0", text.index("wiki document 3"))]  # up to the 2nd copy
+    assert first_epoch.count("grouped document 0 ") <= 2 and text.count("wiki document 0 ") >= 4
+
+
 def test_bad_weights_and_overlapping_groups_are_config_errors(tmp_path):
     from hgrn_megatron.config_base import ConfigError
 

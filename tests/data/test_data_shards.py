@@ -36,6 +36,7 @@ def test_parser_classifies_every_kind_of_bad_record():
         b'{"text": "", "meta": {"pile_set_name": "Src"}}': "empty_text",
         b'{"text": 17, "meta": {"pile_set_name": "Src"}}': "non_string_text",
         b'{"text": null}': "missing_text",
+        b'{"text": "deep", "meta": ' + b'[' * 100_000 + b']' * 100_000 + b'}': "invalid_json",  # RecursionError
     }
     for line, want in cases.items():
         got = parse(line)
