@@ -33,15 +33,15 @@ fi
 
 if [ -z "${NPROC:-}" ]; then
   NPROC=1
-  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    NPROC=$(awk -F, '{ print NF }' <<<"$CUDA_VISIBLE_DEVICES")
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then  # set, even empty (the usual way to force the CPU)
+    NPROC=$(awk -F, '{ print (NF > 0 ? NF : 1) }' <<<"$CUDA_VISIBLE_DEVICES")
   elif command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); then
     [ "$GPUS" -gt 0 ] && NPROC=$GPUS
   fi
 fi
 # torchrun would set 1 thread per process; on CPU that wastes the cores the processes do not use.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE SLURM_PROCID SLURM_NTASKS
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE SLURM_PROCID SLURM_NTASKS SLURM_NODEID PET_NODE_RANK
 
 # The worker script ignores USR1 in torchrun (whose default action would be to die of it) and records a
 # trainer exit with the requeue code, which torchrun itself reports as 1.

@@ -3,12 +3,16 @@
 #
 # SLURM delivers a step's signals to every process of the step, wrappers included, and where it tracks
 # processes with cgroups (most clusters) it kills whatever is left of a step once each task's first process
-# has exited. So this shell ignores USR1 and TERM and stays until its child has exited: the trainer installs its own handlers for both (train.preemption_signals)
-# and checkpoints; torchrun, which would die of USR1 and would kill its workers 30 s after a TERM, inherits
-# the ignoring and leaves the trainers to finish their checkpoint.
+# has exited. So this shell ignores USR1 and TERM and stays until its child has exited: the trainer installs
+# its own handlers for both (train.preemption_signals) and checkpoints. torchrun inherits the ignored USR1;
+# it would install its own TERM handler (and kill its workers 30 s after a TERM) unless told which signals
+# to handle, so TERM is left out of that list and stays ignored.
 # torchrun exits 1 whenever a worker fails, whatever that worker's code, so a trainer that exits with the
 # requeue code also leaves a marker file for the batch shell to find.
 trap '' USR1 TERM
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}  # torchrun --signals-to-handle
+# torchrun's static rendezvous needs each node's rank, which only the task itself knows (one task per node).
+export PET_NODE_RANK=${PET_NODE_RANK:-${SLURM_NODEID:-0}}
 "$@"
 rc=$?
 if [ "$rc" = "${HGRN_REQUEUE_EXIT:-75}" ] && [ -n "${HGRN_REQUEUE_MARKER:-}" ]; then

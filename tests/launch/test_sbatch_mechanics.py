@@ -99,3 +99,14 @@ def test_failed_trainer_is_not_requeued(slurm_cluster, tmp_path):
     assert info["JobState"] == "FAILED", log.read_text()
     assert info["ExitCode"] == "3:0"
     assert info["Restarts"] == "0"
+
+
+def test_a_root_without_the_launch_scripts_fails_at_once(slurm_cluster, tmp_path):
+    """HGRN_ROOT (or the submit directory) that is not the repository: the batch shell says so and exits 2,
+    instead of every task failing to find the worker script."""
+    _, config, env = setup_run(tmp_path)
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.submit(str(config), env={**env, "HGRN_ROOT": str(tmp_path)}, options=(f"--output={log}",))
+    info = slurm_cluster.wait_finished(job_id, timeout=60, log=log)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log.read_text()
+    assert "launch/slurm/worker.sh not found: submit from the repository root or set HGRN_ROOT" in log.read_text()
