@@ -75,11 +75,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Every file and folder below `root`, then `root`: DeepSpeed's own writes are not synced, and retention
-    deletes the previous checkpoint right after this one is renamed into place."""
-    for path in sorted(root.rglob("*"), reverse=True) + [root]:
-        _fsync(path)
 
 
 # ---------------------------------------------------------------- RNG
@@ -239,8 +234,10 @@ def save_checkpoint(
         atomic_torch_save(data_state, tmp / "data_state.pt")
         atomic_write_bytes(tmp / "run_state.json", json.dumps(run_state, indent=1).encode())
         atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
-    dist.barrier()
-    _fsync_tree(tmp)  # every rank (each flushes what it wrote) before rank 0 renames the folder into place
+    # DeepSpeed does not sync its writes, and retention deletes the previous checkpoint right after this one is
+    # renamed into place: every rank flushes its node's dirty data first (one call per rank, where an fsync
+    # per file would cost every rank an open of every shard on a shared filesystem).
+    os.sync()
     dist.barrier()
     if rank == 0:
         write_manifest(tmp)
