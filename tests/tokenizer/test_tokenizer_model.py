@@ -115,7 +115,7 @@ def test_load_refuses_a_model_without_the_fixed_special_ids(tmp_path):
 
     from hgrn_megatron.tokenizer.model import METADATA_FORMAT, SPECIAL_IDS, sha256_file
 
-    text = ["the quick brown fox jumps over the lazy dog %d" % i for i in range(200)]
+    text = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
                                    vocab_size=40, unk_id=0, bos_id=1, eos_id=-1, pad_id=-1, minloglevel=2)
     special = {"unk": 0, "bos": 1, "eos": -1, "pad": -1}
