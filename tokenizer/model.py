@@ -1,7 +1,8 @@
 """`Tokenizer`: a trained SentencePiece model plus its metadata file, checked on load.
 
-A tokenizer directory holds `tokenizer.model`, `tokenizer.vocab` and `tokenizer.json` (metadata: vocab size,
-special ids, the model file's sha256, how it was trained). Loading recomputes the sha256 and compares, so a run
+A tokenizer directory holds `tokenizer.model`, `tokenizer.vocab` and `tokenizer.meta.json` (metadata: vocab
+size, special ids, the model file's sha256, how it was trained; not `tokenizer.json`, which is Hugging Face's
+fast-tokenizer file, so neither tool misreads the other's folder). Loading recomputes the sha256 and compares, so a run
 never silently trains or resumes with a different tokenizer than the one recorded.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 METADATA_FORMAT = "hgrn-tokenizer/1"
-MODEL_FILE, VOCAB_FILE, METADATA_FILE = "tokenizer.model", "tokenizer.vocab", "tokenizer.json"
+MODEL_FILE, VOCAB_FILE, METADATA_FILE = "tokenizer.model", "tokenizer.vocab", "tokenizer.meta.json"
 # Fixed special ids: the same in every model this project trains.
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 
@@ -54,8 +55,17 @@ def vocab_padding(vocab_size: int, tp_size: int, multiple: int = 128) -> dict:
 
 
 def metadata_path_for(model_path: Path) -> Path:
-    """`DIR/tokenizer.model` -> `DIR/tokenizer.json`; `DIR/name.model` -> `DIR/name.json`."""
-    return model_path.with_suffix(".json")
+    """`DIR/name.model` -> `DIR/name.meta.json`, or the `DIR/name.json` that earlier versions wrote when only
+    that exists and holds this project's metadata (not a Hugging Face tokenizer.json)."""
+    current = model_path.with_suffix(".meta.json")
+    legacy = model_path.with_suffix(".json")
+    if not current.is_file() and legacy.is_file():
+        try:
+            if json.loads(legacy.read_text()).get("format") == METADATA_FORMAT:
+                return legacy
+        except (OSError, ValueError, AttributeError):
+            pass
+    return current
 
 
 class Tokenizer:
@@ -79,7 +89,7 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer model {model_path} does not exist (train one with `hgrn-tokenizer train`)")
         meta_path = metadata_path_for(model_path)
         if not meta_path.is_file():
-            raise TokenizerError(f"{meta_path}: metadata file missing; every tokenizer.model needs its tokenizer.json")
+            raise TokenizerError(f"{meta_path}: metadata file missing; every tokenizer.model needs its {METADATA_FILE}")
         try:
             metadata = json.loads(meta_path.read_text())
         except (OSError, ValueError) as err:

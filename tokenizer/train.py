@@ -142,7 +142,7 @@ def train_tokenizer(
     progress: bool = True,
     **options,
 ) -> Tokenizer:
-    """Train a SentencePiece model on documents sampled from `shards`; write DIR/tokenizer.{model,vocab,json}.
+    """Train a SentencePiece model on documents sampled from `shards`; write DIR/tokenizer.{model,vocab,meta.json}.
 
     Give either `cfg` or `options` (`TokenizerTrainConfig` fields: vocab_size, model_type, sample_documents,
     sample_chars, ...). The files appear together at the end (written in a temporary directory, then moved
@@ -199,7 +199,7 @@ def train_tokenizer(
         }
         with open(os.path.join(tmp, METADATA_FILE), "w") as fh:
             json.dump(metadata, fh, indent=1)
-        # Metadata last: a reader that sees tokenizer.json sees the model it describes.
+        # Metadata last: a reader that sees the metadata file sees the model it describes.
         for name, src in ((MODEL_FILE, prefix + ".model"), (VOCAB_FILE, prefix + ".vocab"), (METADATA_FILE, None)):
             shutil.move(src or os.path.join(tmp, name), out_dir / name)
     log.info(

@@ -77,7 +77,7 @@ def test_padded_vocab_size_matches_megatron():
 
 def test_load_accepts_the_directory_or_the_model_file(shipped_tokenizer):
     by_file = Tokenizer.load(ASSETS / "tokenizer" / "tokenizer.model")
-    recorded = json.loads((ASSETS / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+    recorded = json.loads((ASSETS / "tokenizer" / "tokenizer.meta.json").read_text())["sha256"]
     assert by_file.sha256 == shipped_tokenizer.sha256 == recorded
     clone = pickle.loads(pickle.dumps(shipped_tokenizer))  # how spawned loader workers receive it
     assert clone.encode("pickled tokenizer") == shipped_tokenizer.encode("pickled tokenizer")
@@ -86,23 +86,23 @@ def test_load_accepts_the_directory_or_the_model_file(shipped_tokenizer):
 def test_load_refuses_a_mismatched_or_incomplete_tokenizer(tmp_path):
     copy = tmp_path / "tok"
     shutil.copytree(ASSETS / "tokenizer", copy)
-    meta = json.loads((copy / "tokenizer.json").read_text())
+    meta = json.loads((copy / "tokenizer.meta.json").read_text())
 
-    (copy / "tokenizer.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
-    with pytest.raises(TokenizerError, match=r"tokenizer.model: sha256 .* does not match tokenizer.json"):
+    (copy / "tokenizer.meta.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    with pytest.raises(TokenizerError, match=r"tokenizer.model: sha256 .* does not match tokenizer.meta.json"):
         Tokenizer.load(copy)
 
-    (copy / "tokenizer.json").write_text(json.dumps({**meta, "special_ids": {**meta["special_ids"], "eos": 5}}))
+    (copy / "tokenizer.meta.json").write_text(json.dumps({**meta, "special_ids": {**meta["special_ids"], "eos": 5}}))
     with pytest.raises(TokenizerError, match=r"records .*'eos': 5.* but tokenizer.model has"):
         Tokenizer.load(copy)
 
     for bad in (None, [0, 1, 2, 3]):
-        (copy / "tokenizer.json").write_text(json.dumps({**meta, "special_ids": bad}))
-        with pytest.raises(TokenizerError, match=r"tokenizer.json: field 'special_ids' must be an object"):
+        (copy / "tokenizer.meta.json").write_text(json.dumps({**meta, "special_ids": bad}))
+        with pytest.raises(TokenizerError, match=r"tokenizer.meta.json: field 'special_ids' must be an object"):
             Tokenizer.load(copy)
 
-    (copy / "tokenizer.json").unlink()
-    with pytest.raises(TokenizerError, match=r"tokenizer.json: metadata file missing"):
+    (copy / "tokenizer.meta.json").unlink()
+    with pytest.raises(TokenizerError, match=r"tokenizer.meta.json: metadata file missing"):
         Tokenizer.load(copy)
     with pytest.raises(TokenizerError, match=r"does not exist"):
         Tokenizer.load(tmp_path / "nowhere")
@@ -119,8 +119,24 @@ def test_load_refuses_a_model_without_the_fixed_special_ids(tmp_path):
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
                                    vocab_size=40, unk_id=0, bos_id=1, eos_id=-1, pad_id=-1, minloglevel=2)
     special = {"unk": 0, "bos": 1, "eos": -1, "pad": -1}
-    (tmp_path / "tokenizer.json").write_text(json.dumps({
+    (tmp_path / "tokenizer.meta.json").write_text(json.dumps({
         "format": METADATA_FORMAT, "sha256": sha256_file(tmp_path / "tokenizer.model"), "vocab_size": 40,
         "special_ids": special}))
     with pytest.raises(TokenizerError, match=rf"special ids .*'eos': -1.*, expected {SPECIAL_IDS}"):
         Tokenizer.load(tmp_path)
+
+
+def test_metadata_name_leaves_tokenizer_json_to_hugging_face(tmp_path):
+    """A folder of an earlier version (metadata in tokenizer.json) still loads; a Hugging Face tokenizer.json
+    beside a tokenizer.model is not taken for metadata (the folder then lacks its tokenizer.meta.json)."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ASSETS / "tokenizer", legacy)
+    (legacy / "tokenizer.meta.json").rename(legacy / "tokenizer.json")
+    assert Tokenizer.load(legacy).sha256 == Tokenizer.load(ASSETS / "tokenizer").sha256
+
+    hf_style = tmp_path / "hf"
+    hf_style.mkdir()
+    shutil.copy(ASSETS / "tokenizer" / "tokenizer.model", hf_style)
+    (hf_style / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": {}}))
+    with pytest.raises(TokenizerError, match=r"tokenizer.meta.json: metadata file missing"):
+        Tokenizer.load(hf_style)

@@ -34,7 +34,7 @@ def test_cli_trains_a_tokenizer_that_round_trips(tmp_path, capsys):
     rc = main(["train", "--shards", shards, "--out", str(out), "--vocab-size", "320", "--sample-documents", "30",
                "--num-threads", "1", "--quiet"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.model", "tokenizer.vocab"]
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.meta.json", "tokenizer.model", "tokenizer.vocab"]
     tok = Tokenizer.load(out)
     meta = tok.metadata
     assert meta["vocab_size"] == tok.vocab_size == 320
