@@ -63,23 +63,18 @@ class _ForgetGate(torch.autograd.Function):
     def backward(ctx, d_log_lambda, d_one_minus_lambda):
         f, gamma = ctx.saved_tensors
         f_dtype, f = f.dtype, _wide(f)
-        df, d_gamma = _ForgetGate._gradients(f, gamma, d_log_lambda, d_one_minus_lambda, ctx.needs_input_grad[1])
-        return df.to(f_dtype), d_gamma
-
-    @staticmethod
-    def _gradients(f, gamma, d_log_lambda, d_one_minus_lambda, need_gamma: bool):
         s = torch.sigmoid(-f)
         q = torch.sigmoid(f)
         if gamma is None:  # λ = σ(f)
-            return torch.addcmul(d_log_lambda, q, d_one_minus_lambda, value=-1).mul_(s), None
+            return torch.addcmul(d_log_lambda, q, d_one_minus_lambda, value=-1).mul_(s).to(f_dtype), None
         q.mul_(1.0 - gamma)
         lam = q + gamma
         df = torch.div(q, lam).nan_to_num_(nan=1.0).mul_(d_log_lambda).addcmul_(q, d_one_minus_lambda, value=-1)
         df.mul_(s)
         d_gamma = None
-        if need_gamma:
+        if ctx.needs_input_grad[1]:
             d_gamma = torch.div(d_log_lambda, lam).sub_(d_one_minus_lambda).mul_(s).sum_to_size(gamma.shape)
-        return df, d_gamma
+        return df.to(f_dtype), d_gamma
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def hgrn_scan(
         raise ValueError(f"hgrn_scan: g is the log forget gate and must be <= 0 (and not NaN); found "
                          f"{bad.numel()} bad values, e.g. {bad[:3].tolist()}")
     backend = _resolve_backend(backend, x)
-    _check_chunk_size(chunk_size, backend)
+    _check_chunk_size(chunk_size)
 
     if backend == "reference":
         h, h_last = hgrn_scan_reference(x, g, theta=theta, initial_state=initial_state, reset=reset)
@@ -132,14 +132,12 @@ def _check_inputs(x, g, theta, initial_state, reset) -> None:
         raise ValueError(f"hgrn_scan: all inputs must be on one device, got {devices}")
 
 
-def _check_chunk_size(chunk_size, backend: str) -> None:
+def _check_chunk_size(chunk_size) -> None:
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"hgrn_scan: chunk_size must be a positive int (or None for the backend's default), "
-                         f"got {chunk_size!r}")
-    if backend == "triton" and chunk_size & (chunk_size - 1):
-        raise ValueError(f"hgrn_scan: backend 'triton' needs chunk_size to be a power of two, got {chunk_size}")
+                         f"got {chunk_size!r}")  # triton's power-of-two rule is checked where it configures
 
 
 _warned_auto_fallback = False

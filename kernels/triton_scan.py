@@ -28,7 +28,7 @@ def _config(D: int, chunk_size: int | None, block_d: int | None) -> tuple[int, i
     BD = min(32, triton.next_power_of_2(D)) if block_d is None else block_d
     for name, value in (("chunk_size", BT), ("block_d", BD)):
         if value < 1 or value & (value - 1):
-            raise ValueError(f"triton scan: {name} must be a power of two, got {value}")
+            raise ValueError(f"hgrn_scan: backend 'triton' needs {name} to be a power of two, got {value}")
     return BT, BD
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, stop=None,
              filler: dict | None = None) -> dict | None:
     """Token-weighted mean loss over this rank's validation batches, all-reduced over data-parallel ranks.
-    `filler`: a batch to run (and discard) on a rank that has none, where other ranks still have some.
+    `filler`: a batch to run (and discard) under ZeRO-3 on a rank past its own batches while others go on.
 
     Returns {"val_loss", "val_ppl", "val_tokens", "val_loss/<source>"...}, or None when `stop.agreed()` asked to
     stop part-way (checked between batches so a preemption is not delayed by a long evaluation).
@@ -23,8 +23,7 @@ def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, sto
     sums = torch.zeros(n + 1, dtype=torch.float64)  # per source, then overall
     counts = torch.zeros(n + 1, dtype=torch.float64)
     # Ranks may hold different numbers of batches; every rank runs the largest count, so that the collective
-    # checks, and under ZeRO-3 the forward's own parameter gathers, pair up. A rank past its own batches
-    # repeats one and discards the result.
+    # checks, and under ZeRO-3 the forward's own parameter gathers, pair up.
     rounds = torch.tensor([float(len(batches))], device=comm_device())
     dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
     gathers_in_forward = engine.zero_optimization_stage() == 3
@@ -32,9 +31,9 @@ def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, sto
         if stop is not None and stop.agreed():
             engine.train()
             return None
-        if i >= len(batches) and not (gathers_in_forward and (batches or filler)):
+        if i >= len(batches) and not (gathers_in_forward and filler):
             continue
-        batch = batches[min(i, len(batches) - 1)] if batches else filler
+        batch = batches[i] if i < len(batches) else filler
         tokens = batch["tokens"].to(engine.device)
         doc_start = batch["doc_start"].to(engine.device)
         loss = engine(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1]).double().cpu()

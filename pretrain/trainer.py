@@ -167,6 +167,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
         val = build_validation_batches(cfg.data, tokenizer, seq, mb, dp_rank, dp_size)
         val_batches, val_sources = val["batches"], val["source_names"]
     evaluating = bool(cfg.train.eval_interval) and all_reduce_max(len(val_batches)) > 0
+    val_filler = {"tokens": torch.zeros(mb, seq + 1, dtype=torch.long),
+                  "doc_start": torch.zeros(mb, seq + 1, dtype=torch.bool)}
     if cfg.train.eval_interval and not evaluating and rank == 0:
         log.warning("train.eval_interval is %d but there are no validation samples (data.valid_shards: %s); "
                     "validation is off", cfg.train.eval_interval, cfg.data.valid_shards or "none")
@@ -282,9 +284,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                 interval_start = time.perf_counter()
 
             if evaluating and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-                val = evaluate(engine, val_batches, val_sources, ps.get_data_parallel_group(), stop,
-                               filler={"tokens": torch.zeros(mb, seq + 1, dtype=torch.long),
-                                       "doc_start": torch.zeros(mb, seq + 1, dtype=torch.bool)})
+                val = evaluate(engine, val_batches, val_sources, ps.get_data_parallel_group(), stop, val_filler)
                 if val is None:  # preempted during evaluation
                     save(step)
                     result = TrainResult(EXIT_REQUEUE, step, stop.local_reason() or "stop requested by a peer")
