@@ -38,7 +38,8 @@ packages, package_dir = find_packages_mapped()
 setup(
     name="hgrn-megatron",
     version="0.1.0",
-    description="Pretrain HGRN (gated linear RNN) language models at scale: megatron-core TP, DeepSpeed ZeRO, Triton scans",
+    description="Pretrain HGRN (gated linear RNN) language models at scale: megatron-core TP, DeepSpeed ZeRO, "
+    "Triton scans",
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
@@ -61,7 +62,7 @@ setup(
         "numpy",
     ],
     # flash-linear-attention: only for the `--format fla` parity test (its HGRNForCausalLM on CPU).
-    extras_require={"dev": ["pytest>=8", "matplotlib>=3.7", "flash-linear-attention>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.15", "matplotlib>=3.7", "flash-linear-attention>=0.6"]},
     entry_points={
         "console_scripts": [
             "hgrn-pretrain=hgrn_megatron.pretrain.__main__:main",

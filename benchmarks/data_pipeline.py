@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
 
+    from hgrn_megatron.corpus.shards import RecordParser, iter_documents, resolve_shards
     from hgrn_megatron.pretrain.data import DataConfig
-    from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents, resolve_shards
     from hgrn_megatron.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.tokenizer)

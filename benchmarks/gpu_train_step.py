@@ -115,7 +115,7 @@ def largest_micro_batch(make, mem: Memory, args, log) -> tuple[int, object, dict
         nonlocal engine
         del engine
         mem.release()
-        engine = make()
+        engine = make()  # noqa: F841 - nonlocal: the caller reads it
 
     if two is None or two > budget:
         if two is None and args.max_micro_batch >= 2:

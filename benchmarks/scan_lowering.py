@@ -81,7 +81,7 @@ def compile_only(sm: int, which: str = "all", registers: bool = False) -> int:
                     signature[name], constexprs[name] = "constexpr", constants[name]
                 elif name in ("T", "NT"):
                     signature[name] = "i32"
-                elif name in ("theta", "dtheta_part") and not v["complex"] or name == "reset" and not v["reset"]:
+                elif (name in ("theta", "dtheta_part") and not v["complex"]) or (name == "reset" and not v["reset"]):
                     signature[name], constexprs[name] = "constexpr", None
                 elif name == "reset":
                     signature[name] = "*u8"

@@ -83,7 +83,7 @@ def _gated_norm_bwd(h_ptr, gate_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dout_ptr,
     dw = tl.zeros([BLOCK_F], dtype=tl.float32)
     db = tl.zeros([BLOCK_F], dtype=tl.float32)
     first = pid * rows_per_program
-    for k in range(0, rows_per_program):
+    for k in range(rows_per_program):
         row = (first + k).to(tl.int64)
         if row < n_rows:
             h = tl.load(h_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)

@@ -52,7 +52,8 @@ def plan(cfg, world_size: int) -> str:
     recompute = (f"{m.recompute_granularity} ({m.recompute_method}, {m.recompute_num_layers} layer"
                  f"{'s' if m.recompute_num_layers > 1 else ''})" if m.recompute_granularity else "off")
     return "\n".join([
-        f"model: {cfg.model.preset or 'custom'} ({cfg.model.mixer}), {count_parameters(cfg.model, padded) / 1e6:,.1f} M "
+        f"model: {cfg.model.preset or 'custom'} ({cfg.model.mixer}), "
+        f"{count_parameters(cfg.model, padded) / 1e6:,.1f} M "
         f"parameters, {flops_per_token(cfg.model, padded, seq):.3e} training FLOPs/token at seq {seq}",
         f"vocabulary: {vocab_note}; padded to {padded} (multiple of 128 x TP {tp})",
         f"world {world_size} = TP {tp} x DP {dp}; ZeRO {cfg.parallel.zero_stage}; {cfg.train.precision}; "
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     from hgrn_megatron.config_base import ConfigError
-    from hgrn_megatron.pretrain import EXIT_ABORTED, EXIT_CONFIG_ERROR
-    from hgrn_megatron.pretrain.config import dump_config, load_config
-    from hgrn_megatron.pretrain.distributed import launch_env
+
+    from . import EXIT_ABORTED, EXIT_CONFIG_ERROR
+    from .config import dump_config, load_config
+    from .distributed import launch_env
 
     try:
         le = launch_env()
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     patch_for_cpu()
     import torch.distributed as dist
 
-    from hgrn_megatron.pretrain.checkpoint import CheckpointError
-    from hgrn_megatron.pretrain.trainer import TrainingAborted, train
+    from .checkpoint import CheckpointError
+    from .trainer import TrainingAborted, train
 
     try:
         result = train(cfg, resume=args.resume)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    logging.getLogger("hgrn_megatron.pretrain").info("exit %d: %s at step %d", result.exit_code, result.reason, result.step)
+    logging.getLogger("hgrn_megatron.pretrain").info("exit %d: %s at step %d", result.exit_code, result.reason,
+                                                     result.step)
     return result.exit_code
 
 

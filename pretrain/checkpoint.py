@@ -140,7 +140,7 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 def find_resume_checkpoint(ckpt_root: Path) -> Path | None:
     """Newest checkpoint that verifies; older ones are tried, with a warning, if newer ones are torn."""
-    for step, path in list_checkpoints(ckpt_root):
+    for _step, path in list_checkpoints(ckpt_root):
         problem = verify_checkpoint(path)
         if problem is None:
             return path

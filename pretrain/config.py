@@ -14,8 +14,9 @@ from pydantic import Field, model_validator
 
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.config_base import ConfigError, ConfigNode
-from hgrn_megatron.pretrain.data.config import DataConfig
 from hgrn_megatron.tokenizer.config import TokenizerConfig
+
+from .data.config import DataConfig
 
 
 # ---------------------------------------------------------------- training loop
@@ -53,7 +54,9 @@ class OptimizerConfig(ConfigNode):
 class ScheduleConfig(ConfigNode):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup from 0 to optimizer.lr.")
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    decay_steps: int | None = Field(None, gt=0, description="Steps of decay after warmup; default: the rest of train.steps.")
+    decay_steps: int | None = Field(
+        None, gt=0, description="Steps of decay after warmup; default: the rest of train.steps."
+    )
 
 
 class ParallelConfig(ConfigNode):
@@ -78,7 +81,9 @@ class LoggingConfig(ConfigNode):
 
 
 class RunConfig(ConfigNode):
-    run_dir: str = Field("runs/default", description="Checkpoints, metrics.jsonl, tensorboard/ and config.yaml go here.")
+    run_dir: str = Field(
+        "runs/default", description="Checkpoints, metrics.jsonl, tensorboard/ and config.yaml go here."
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig
     tokenizer: TokenizerConfig

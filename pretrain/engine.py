@@ -7,8 +7,9 @@ import math
 import torch
 
 from hgrn_megatron.model import build_model, no_weight_decay
-from hgrn_megatron.pretrain.config import RunConfig
-from hgrn_megatron.pretrain.distributed import MegatronMpu
+
+from .config import RunConfig
+from .distributed import MegatronMpu
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -16,7 +16,7 @@ def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, sto
     Returns {"val_loss", "val_ppl", "val_tokens", "val_loss/<source>"...}, or None when `stop.agreed()` asked to
     stop part-way (checked between batches so a preemption is not delayed by a long evaluation).
     """
-    from hgrn_megatron.pretrain.distributed import comm_device
+    from .distributed import comm_device
 
     engine.eval()
     n = len(source_names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 import time
 
-from hgrn_megatron.pretrain.distributed import all_reduce_flag
+from .distributed import all_reduce_flag
 
 
 class StopRequest:

@@ -16,20 +16,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hgrn_megatron.pretrain import EXIT_OK, EXIT_REQUEUE
-from hgrn_megatron.pretrain import checkpoint as ckpt_io
-from hgrn_megatron.pretrain.config import RunConfig, dump_config
-from hgrn_megatron.pretrain.distributed import (
+from . import EXIT_OK, EXIT_REQUEUE
+from . import checkpoint as ckpt_io
+from .config import RunConfig, dump_config
+from .distributed import (
     all_reduce_flag,
     all_reduce_max,
     comm_device,
     init_distributed,
     init_model_parallel,
 )
-from hgrn_megatron.pretrain.engine import build_engine, learning_rate, set_learning_rate
-from hgrn_megatron.pretrain.evaluation import evaluate
-from hgrn_megatron.pretrain.metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
-from hgrn_megatron.pretrain.preemption import StopRequest
+from .engine import build_engine, learning_rate, set_learning_rate
+from .evaluation import evaluate
+from .metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
+from .preemption import StopRequest
 
 log = logging.getLogger("hgrn_megatron.pretrain")
 
@@ -75,7 +75,7 @@ def _step_without_update(engine) -> None:
 
 def _data_totals(loader, dp_group) -> dict:
     """Documents read and bad records skipped (by kind) over all data-parallel ranks, each lane counted once."""
-    from hgrn_megatron.pretrain.data import SKIP_KINDS
+    from .data import SKIP_KINDS
 
     stats = loader.stats()
     per_lane = torch.from_numpy(loader.lane_counts(SKIP_KINDS)).to(comm_device())
@@ -92,8 +92,9 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     from megatron.core import parallel_state as ps
 
     from hgrn_megatron.flops import count_parameters, flops_per_token
-    from hgrn_megatron.pretrain.data import TrainLoader, build_validation_batches, merge_data_states
     from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
+
+    from .data import TrainLoader, build_validation_batches, merge_data_states
 
     # ------------------------------------------------------------ set-up
     # Signal handlers first: a preemption notice during the (minutes-long) set-up is kept, not lost.
@@ -296,7 +297,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
 
             at_end = step == cfg.train.steps
             due = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0
-            if at_end and cfg.checkpoint.save_at_end or due and not in_a_row:
+            if (at_end and cfg.checkpoint.save_at_end) or (due and not in_a_row):
                 save(step)
             elif due:  # inside a non-finite streak: keep the last clean checkpoint as the newest
                 log.warning("step %d: checkpoint deferred (non-finite streak of %d)", step, in_a_row)

@@ -5,10 +5,10 @@
     padded_vocab_size(tok.vocab_size, tp_size)         # embedding rows, a multiple of 128 x TP
 
 Train with `hgrn-tokenizer train --shards 'data/*.jsonl.zst' --out DIR --vocab-size 32000`. Reads shards through
-`hgrn_megatron.pretrain.data.shards`.
+`hgrn_megatron.corpus.shards`.
 """
-from hgrn_megatron.tokenizer.config import TokenizerConfig, TokenizerTrainConfig
-from hgrn_megatron.tokenizer.model import (
+from .config import TokenizerConfig, TokenizerTrainConfig
+from .model import (
     SPECIAL_IDS,
     Tokenizer,
     TokenizerError,
@@ -16,7 +16,7 @@ from hgrn_megatron.tokenizer.model import (
     sha256_file,
     vocab_padding,
 )
-from hgrn_megatron.tokenizer.train import train_tokenizer
+from .train import train_tokenizer
 
 __all__ = [
     "SPECIAL_IDS",

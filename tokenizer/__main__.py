@@ -12,12 +12,13 @@ import logging
 import sys
 
 from hgrn_megatron.config_base import ConfigError
-from hgrn_megatron.tokenizer.config import TokenizerTrainConfig
-from hgrn_megatron.tokenizer.model import Tokenizer, TokenizerError, vocab_padding
+
+from .config import TokenizerTrainConfig
+from .model import Tokenizer, TokenizerError, vocab_padding
 
 
 def _train(args) -> int:
-    from hgrn_megatron.tokenizer.train import train_tokenizer
+    from .train import train_tokenizer
 
     options = {
         "vocab_size": args.vocab_size,

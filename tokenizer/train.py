@@ -22,16 +22,17 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from hgrn_megatron.pretrain.data.counters import DataCounters
-from hgrn_megatron.pretrain.data.shards import (
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.shards import (
     RecordParser,
     SkipWarner,
     iter_documents,
     resolve_shards,
     shard_display_names,
 )
-from hgrn_megatron.tokenizer.config import TokenizerTrainConfig
-from hgrn_megatron.tokenizer.model import (
+
+from .config import TokenizerTrainConfig
+from .model import (
     METADATA_FILE,
     METADATA_FORMAT,
     MODEL_FILE,

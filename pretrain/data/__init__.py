@@ -8,12 +8,13 @@ Modules: `shards` (streaming zstd JSON Lines, bad-record kinds), `stream` (the e
 positions), `mixture` (weights, seeded shard order), `packing` (lanes, samples), `state` (format, merge),
 `loader` (background workers), `validation`, `counters`, `config` (`DataConfig`); `hgrn-data` is `__main__`.
 """
-from hgrn_megatron.pretrain.data.config import DataConfig, ShardGroupConfig
-from hgrn_megatron.pretrain.data.counters import DataCounters, flatten_stats
-from hgrn_megatron.pretrain.data.loader import TrainLoader
-from hgrn_megatron.pretrain.data.shards import SKIP_KINDS, DataError, resolve_shards
-from hgrn_megatron.pretrain.data.state import merge_data_states
-from hgrn_megatron.pretrain.data.validation import build_validation_batches
+from hgrn_megatron.corpus.counters import DataCounters, flatten_stats
+from hgrn_megatron.corpus.shards import SKIP_KINDS, DataError, resolve_shards
+
+from .config import DataConfig, ShardGroupConfig
+from .loader import TrainLoader
+from .state import merge_data_states
+from .validation import build_validation_batches
 
 __all__ = [
     "SKIP_KINDS",

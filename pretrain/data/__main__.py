@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hgrn_megatron.pretrain.data.shards import (
+from hgrn_megatron.corpus.shards import (
     UNKNOWN_SOURCE,
     BadRecord,
     DataError,

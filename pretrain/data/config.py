@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from hgrn_megatron.config_base import ConfigNode
-from hgrn_megatron.pretrain.data.shards import DataError, resolve_shards, shard_display_names
+from hgrn_megatron.corpus.shards import DataError, resolve_shards, shard_display_names
 
 
 class ShardGroupConfig(ConfigNode):

@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from hgrn_megatron.pretrain.data.config import DataConfig
-from hgrn_megatron.pretrain.data.counters import DataCounters
-from hgrn_megatron.pretrain.data.packing import LaneGroup, PackingSpec
-from hgrn_megatron.pretrain.data.shards import DataError
-from hgrn_megatron.pretrain.data.state import (
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.shards import DataError
+
+from .config import DataConfig
+from .packing import LaneGroup, PackingSpec
+from .state import (
     STATE_FORMAT,
     as_global_state,
     check_fingerprint,

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hgrn_megatron.pretrain.data.counters import DataCounters
-from hgrn_megatron.pretrain.data.mixture import Mixture
-from hgrn_megatron.pretrain.data.shards import (
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.shards import (
     UNKNOWN_SOURCE,
     BadRecord,
     DataError,
@@ -31,7 +30,9 @@ from hgrn_megatron.pretrain.data.shards import (
     SkipWarner,
     StreamFault,
 )
-from hgrn_megatron.pretrain.data.stream import START, Position, RecordStream
+
+from .mixture import Mixture
+from .stream import START, Position, RecordStream
 
 MAX_PASSES_WITHOUT_DOCUMENT = 3
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from hgrn_megatron.pretrain.data.packing import PackingSpec, fresh_lane_state
-from hgrn_megatron.pretrain.data.shards import DataError
+from hgrn_megatron.corpus.shards import DataError
+
+from .packing import PackingSpec, fresh_lane_state
 
 STATE_FORMAT = "hgrn-data-state/1"
 

@@ -10,8 +10,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hgrn_megatron.pretrain.data.mixture import Mixture
-from hgrn_megatron.pretrain.data.shards import DataError, StreamFault, iter_lines
+from hgrn_megatron.corpus.shards import DataError, StreamFault, iter_lines
+
+from .mixture import Mixture
 
 
 @dataclass(frozen=True, slots=True)

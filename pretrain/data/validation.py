@@ -11,9 +11,10 @@ import logging
 
 import numpy as np
 
-from hgrn_megatron.pretrain.data.config import DataConfig
-from hgrn_megatron.pretrain.data.counters import DataCounters
-from hgrn_megatron.pretrain.data.shards import RecordParser, SkipWarner, iter_documents, shard_display_names
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.shards import RecordParser, SkipWarner, iter_documents, shard_display_names
+
+from .config import DataConfig
 
 log = logging.getLogger(__name__)
 

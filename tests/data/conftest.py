@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from data_harness import ASSETS, write_corpus
 
 from hgrn_megatron.tokenizer import Tokenizer
+from tests.data.data_harness import ASSETS, write_corpus
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ ASSET_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "toke
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     """The shipped test tokenizer, or (before one ships) a 512-piece BPE model trained on the sample text."""
-    from export_harness import text_shards
-
     from hgrn_megatron.tokenizer import Tokenizer, train_tokenizer
+    from tests.export.export_harness import text_shards
 
     if (ASSET_TOKENIZER / "tokenizer.model").is_file():
         Tokenizer.load(ASSET_TOKENIZER)
@@ -31,7 +30,8 @@ def sample_texts() -> list[str]:
     import json
 
     import zstandard
-    from export_harness import text_shards
+
+    from tests.export.export_harness import text_shards
 
     texts = []
     with open(text_shards()[-1], "rb") as fh:

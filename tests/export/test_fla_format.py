@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from export_harness import mean_kl, module_checkpoint, relative_error
 
 from hgrn_megatron.export.__main__ import main as export_main
+from tests.export.export_harness import mean_kl, module_checkpoint, relative_error
 
 pytestmark = [
     pytest.mark.distributed,

@@ -6,7 +6,12 @@ import warnings
 
 import pytest
 import torch
-from scan_cases import (
+
+from hgrn_megatron.kernels import cpu_scan as cpu_scan_module
+from hgrn_megatron.kernels import hgrn_scan
+from hgrn_megatron.kernels.cpu_scan import cpu_scan
+from hgrn_megatron.kernels.scan import _resolve_backend
+from tests.kernels.scan_cases import (
     CPU_CASES,
     TOLERANCE,
     assert_close_to_reference,
@@ -16,11 +21,6 @@ from scan_cases import (
     reference,
     run,
 )
-
-from hgrn_megatron.kernels import cpu_scan as cpu_scan_module
-from hgrn_megatron.kernels import hgrn_scan
-from hgrn_megatron.kernels.cpu_scan import cpu_scan
-from hgrn_megatron.kernels.scan import _resolve_backend
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)

@@ -2,7 +2,10 @@
 import functools
 
 import pytest
-from scan_cases import (
+
+from hgrn_megatron.kernels import hgrn_scan
+from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
+from tests.kernels.scan_cases import (
     CPU_CASES,
     TOLERANCE,
     assert_close_to_reference,
@@ -12,9 +15,6 @@ from scan_cases import (
     reference,
     run,
 )
-
-from hgrn_megatron.kernels import hgrn_scan
-from hgrn_megatron.kernels.torch_scan import default_chunk_size, torch_scan
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from scan_cases import TOLERANCE, Case, assert_close_to_reference, make_inputs, reference, run
 
 from hgrn_megatron.kernels import hgrn_scan, hgrn_scan_reference
+from tests.kernels.scan_cases import TOLERANCE, Case, assert_close_to_reference, make_inputs, reference, run
 
 pytestmark = pytest.mark.triton_interpret
 REPO = Path(__file__).resolve().parents[2]

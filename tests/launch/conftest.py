@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from slurm_harness import SlurmCluster, start_cluster, stop_cluster
+
+from tests.launch.slurm_harness import SlurmCluster, start_cluster, stop_cluster
 
 
 @pytest.fixture(scope="session")

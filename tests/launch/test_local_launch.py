@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from standin import read_jsonl, setup_run
+from tests.launch.standin import read_jsonl, setup_run
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SH = REPO / "launch" / "local.sh"

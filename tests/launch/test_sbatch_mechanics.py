@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import read_jsonl, setup_run
+
+from tests.launch.standin import read_jsonl, setup_run
 
 pytestmark = pytest.mark.slurm
 

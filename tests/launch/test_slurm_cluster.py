@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_harness import live_cluster_processes, start_cluster, stop_cluster
+
+from tests.launch.slurm_harness import live_cluster_processes, start_cluster, stop_cluster
 
 pytestmark = pytest.mark.slurm
 

@@ -6,9 +6,9 @@ import multiprocessing
 
 import pytest
 import torch
-from model_harness import batch, build, init_model_parallel, max_rel_diff, tiny_config
 
 from hgrn_megatron.testing.distributed import run_distributed
+from tests.model.model_harness import batch, build, init_model_parallel, max_rel_diff, tiny_config
 
 pytestmark = pytest.mark.distributed
 

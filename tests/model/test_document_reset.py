@@ -2,9 +2,9 @@
 outputs they would produce as a fresh sequence (for the HGRU and for the attention baseline's block mask)."""
 import pytest
 import torch
-from model_harness import VOCAB, init_model_parallel, max_rel_diff, tiny_config
 
 from hgrn_megatron.testing.distributed import run_distributed
+from tests.model.model_harness import VOCAB, init_model_parallel, max_rel_diff, tiny_config
 
 pytestmark = pytest.mark.distributed
 

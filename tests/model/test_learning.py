@@ -4,9 +4,9 @@ A smoke test of the whole forward/backward path (gates, scan, norms, lower bound
 """
 import pytest
 import torch
-from model_harness import batch, build, init_model_parallel, tiny_config
 
 from hgrn_megatron.testing.distributed import run_distributed
+from tests.model.model_harness import batch, build, init_model_parallel, tiny_config
 
 pytestmark = pytest.mark.distributed
 

@@ -1,10 +1,10 @@
 """Forget-gate lower bounds (HGRN §3.2) and the gate arithmetic."""
 import pytest
 import torch
-from model_harness import batch, build, init_model_parallel, tiny_config
 
 from hgrn_megatron.hgru_ops import forget_gate
 from hgrn_megatron.testing.distributed import run_distributed
+from tests.model.model_harness import batch, build, init_model_parallel, tiny_config
 
 
 def _bounds_facts(cfg):

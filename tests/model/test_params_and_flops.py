@@ -1,13 +1,13 @@
 """The analytic parameter count equals the built model's, for every preset; the FLOP model's matmul part
 equals what torch's FLOP counter measures on the tiny model; the `hgrn-model` command reports them."""
 import pytest
-from model_harness import VOCAB, batch, build, init_model_parallel, tiny_config
 
 from hgrn_megatron.__main__ import main as hgrn_model_main
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.flops import count_parameters, flops_per_token, forward_flops_per_token, matmul_flops_per_token
 from hgrn_megatron.presets import PRESETS, REFERENCE_VOCAB_SIZE
 from hgrn_megatron.testing.distributed import run_distributed
+from tests.model.model_harness import VOCAB, batch, build, init_model_parallel, tiny_config
 
 # Presets as they are, plus the switches that change the parameter set.
 ABLATIONS = {

@@ -2,11 +2,11 @@
 gradients as keeping every activation, with a fraction of the saved activations."""
 import pytest
 import torch
-from model_harness import batch, build, grads_of, init_model_parallel, tiny_config
 
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.testing.distributed import run_distributed
 from hgrn_megatron.testing.memory import saved_tensor_bytes
+from tests.model.model_harness import batch, build, grads_of, init_model_parallel, tiny_config
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,10 @@ against the layout megatron and the HGRU actually use.
 """
 import pytest
 import torch
-from model_harness import (
+
+from hgrn_megatron.testing.distributed import run_distributed
+from hgrn_megatron.tp_rules import merge_state_dicts, split_state_dict
+from tests.model.model_harness import (
     VOCAB,
     batch,
     build,
@@ -15,9 +18,6 @@ from model_harness import (
     tensors_of,
     tiny_config,
 )
-
-from hgrn_megatron.testing.distributed import run_distributed
-from hgrn_megatron.tp_rules import merge_state_dicts, split_state_dict
 
 pytestmark = pytest.mark.distributed
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 
-from data_harness import ASSETS, record, write_zst
-
 from hgrn_megatron.pretrain.data.__main__ import main
+from tests.data.data_harness import ASSETS, record, write_zst
 
 
 def test_verify_clean_shards_succeeds(capsys):

@@ -7,12 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import zstandard
-from data_harness import data_config, make_text, record, run_ranks, write_zst
 
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.shards import iter_lines, resolve_shards, shard_display_names
 from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader, flatten_stats
-from hgrn_megatron.pretrain.data.counters import DataCounters
 from hgrn_megatron.pretrain.data.mixture import Mixture
-from hgrn_megatron.pretrain.data.shards import iter_lines, resolve_shards, shard_display_names
+from tests.data.data_harness import data_config, make_text, record, run_ranks, write_zst
 
 S = 16
 

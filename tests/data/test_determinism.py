@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_harness import data_config, run_ranks
+
+from tests.data.data_harness import data_config, run_ranks
 
 S, MB, GLOBAL_SAMPLES = 32, 2, 192
 MIXTURES = {

@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from data_harness import data_config, record, run_ranks, write_corpus, write_zst
 
 from hgrn_megatron.pretrain.data import DataError, TrainLoader
 from hgrn_megatron.pretrain.data.loader import build_packing_spec
 from hgrn_megatron.pretrain.data.packing import LaneGroup, fresh_lane_state
+from tests.data.data_harness import data_config, record, run_ranks, write_corpus, write_zst
 
 
 def test_a_lagging_lane_gets_its_own_reader_and_the_samples_do_not_change(tmp_path, tokenizer):

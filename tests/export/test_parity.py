@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_harness import mean_kl, native_reference, relative_error
 
 from hgrn_megatron.export.__main__ import main as export_main
+from tests.export.export_harness import mean_kl, native_reference, relative_error
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -6,10 +6,9 @@ import random
 
 import pytest
 import zstandard
-from data_harness import WORDS, record, write_zst
 
-from hgrn_megatron.pretrain.data.counters import DataCounters
-from hgrn_megatron.pretrain.data.shards import (
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.shards import (
     BadRecord,
     DataError,
     Document,
@@ -20,6 +19,7 @@ from hgrn_megatron.pretrain.data.shards import (
     iter_lines,
     resolve_shards,
 )
+from tests.data.data_harness import WORDS, record, write_zst
 
 
 def test_parser_classifies_every_kind_of_bad_record():

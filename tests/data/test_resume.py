@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from data_harness import data_config, run_ranks
 
 from hgrn_megatron.pretrain.data import DataError, TrainLoader, merge_data_states
+from tests.data.data_harness import data_config, run_ranks
 
 S, MB, TOTAL = 32, 2, 320
 

@@ -5,10 +5,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from data_harness import data_config, record, run_ranks, write_zst
 
 from hgrn_megatron.pretrain.data import DataConfig
 from hgrn_megatron.pretrain.data.mixture import Mixture
+from tests.data.data_harness import data_config, record, run_ranks, write_zst
 
 
 def test_weights_are_uses_per_epoch():

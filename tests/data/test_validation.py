@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from data_harness import ASSETS, data_config
 
+from hgrn_megatron.corpus.shards import RecordParser, iter_documents
 from hgrn_megatron.pretrain.data import build_validation_batches
-from hgrn_megatron.pretrain.data.shards import RecordParser, iter_documents
+from tests.data.data_harness import ASSETS, data_config
 
 VAL = str(ASSETS / "pile-mini" / "val.jsonl.zst")
 S = 64

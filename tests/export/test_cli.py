@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 import torch
-from export_harness import mean_kl, module_checkpoint, relative_error, text_shards
 
 from hgrn_megatron.export.__main__ import main as export_main
+from tests.export.export_harness import mean_kl, module_checkpoint, relative_error, text_shards
 
 pytestmark = pytest.mark.distributed  # megatron needs a (one-rank gloo) process group to build the model
 
