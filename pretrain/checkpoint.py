@@ -4,7 +4,8 @@ Layout of one checkpoint (`RUN_DIR/checkpoints/step-NNNNNNNN/`):
     ds/                  DeepSpeed's own tag folder: per-rank model and ZeRO optimizer shards
     rng/rank-RRRRR.pt    every rank's python/numpy/torch/cuda RNG states
     data_state.pt        the data pipeline's global state (merged from every rank)
-    run_state.json       step, consumed samples/tokens, world and parallel sizes, tokenizer sha256, config
+    run_state.json       the run's progress and layout (`pretrain.train_state`: step, consumed samples/tokens,
+                         world and parallel sizes, tokenizer sha256, ...)
     config.yaml          the resolved run config
     manifest.json        every file with its size, and sha256 of the small files; written last
 The folder is written as `step-NNNNNNNN.tmp/` and renamed only after every rank has finished; `latest` (a text
@@ -21,14 +22,18 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from hgrn_megatron.tokenizer import sha256_file
+from ..tokenizer import sha256_file
+
+if TYPE_CHECKING:
+    from .config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
 
 
 # ---------------------------------------------------------------- RNG
@@ -211,8 +214,8 @@ def universal_checkpoint_info(param_names: list[str], vocab_size: int) -> dict:
 
 
 def save_checkpoint(
-    engine, ckpt_root: Path, step: int, run_state: dict, data_state: Any, config_yaml: str, keep_last: int,
-    keep_every: int | None,
+    engine, ckpt_root: Path, step: int, run_state: dict, data_state: Any, config_yaml: str,
+    retention: RetentionPolicy,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
@@ -246,19 +249,43 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync(ckpt_root)
         atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
-        apply_retention(ckpt_root, keep_last, keep_every)
+        apply_retention(ckpt_root, retention)
     dist.barrier()
     return final
 
 
-def apply_retention(ckpt_root: Path, keep_last: int, keep_every: int | None) -> None:
-    ckpts = list_checkpoints(ckpt_root)
-    keep = {p for _, p in ckpts[:keep_last]}
-    if keep_every:
-        keep |= {p for s, p in ckpts if s % keep_every == 0}
-    for _, path in ckpts:
-        if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+# ---------------------------------------------------------------- retention
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to keep: the newest `keep_last`, plus every one whose step is a multiple of
+    `keep_every` (milestones a later analysis or a rollback may want)."""
+
+    keep_last: int
+    keep_every: int | None = None
+
+    def __post_init__(self):
+        if self.keep_last < 1:
+            raise ValueError(f"RetentionPolicy: keep_last must be >= 1 (got {self.keep_last}); the newest "
+                             "checkpoint is what a requeued job resumes from")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"RetentionPolicy: keep_every must be >= 1 or None (got {self.keep_every})")
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig) -> RetentionPolicy:
+        return cls(cfg.keep_last, cfg.keep_every)
+
+    def steps_to_delete(self, steps: list[int]) -> list[int]:
+        """The steps among `steps` (any order) that this policy drops, in ascending order."""
+        newest = sorted(steps, reverse=True)[: self.keep_last]
+        kept = set(newest) | {s for s in steps if self.keep_every and s % self.keep_every == 0}
+        return sorted(s for s in steps if s not in kept)
+
+
+def apply_retention(ckpt_root: Path, policy: RetentionPolicy) -> None:
+    """Delete the checkpoints `policy` drops, and the `.tmp` folders of saves that never finished. Rank 0."""
+    by_step = dict(list_checkpoints(ckpt_root))
+    for step in policy.steps_to_delete(list(by_step)):
+        shutil.rmtree(by_step[step], ignore_errors=True)
     for stale in ckpt_root.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -36,9 +36,6 @@ class TrainConfig(ConfigNode):
     preemption_signals: list[str] = Field(
         ["SIGUSR1", "SIGTERM"], description="Signals that request save-and-exit (requeue code) at the next step."
     )
-    inject_nonfinite_at_steps: list[int] = Field(
-        [], description="Testing aid: multiply the loss by NaN at these steps (1-based) to exercise skipping."
-    )
 
 
 class OptimizerConfig(ConfigNode):

@@ -1,7 +1,11 @@
 """The training loop: data → DeepSpeed engine → metrics and checkpoints, with exact resume and preemption.
 
-Reads top to bottom: set-up (process groups, tokenizer, resume choice, engine, data), then one iteration per
-optimizer step (micro-batches, skip on non-finite, log, evaluate, checkpoint, stop when asked).
+`Trainer(cfg, resume)` sets up collectively on every rank (process groups, tokenizer, the checkpoint to resume,
+engine, data, validation, metrics); `Trainer.train()` is the loop, one iteration per optimizer step:
+
+    train_step → log_interval → maybe_evaluate → maybe_checkpoint → stop at the end or when the ranks agree to
+
+The run's progress is one `TrainState` (`train_state.py`), which checkpoints save and resumes restore.
 """
 from __future__ import annotations
 
@@ -19,17 +23,13 @@ import torch.distributed as dist
 from . import EXIT_OK, EXIT_REQUEUE
 from . import checkpoint as ckpt_io
 from .config import RunConfig, dump_config
-from .distributed import (
-    all_reduce_flag,
-    all_reduce_max,
-    comm_device,
-    init_distributed,
-    init_model_parallel,
-)
+from .distributed import all_reduce_flag, all_reduce_max, comm_device, init_distributed, init_model_parallel
 from .engine import build_engine, learning_rate, set_learning_rate
 from .evaluation import evaluate
+from .fault_injection import FaultInjection
 from .metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
 from .preemption import StopRequest
+from .train_state import RunLayout, TrainState, run_state_dict, saved_layout
 
 log = logging.getLogger("hgrn_megatron.pretrain")
 
@@ -43,6 +43,15 @@ class TrainResult:
     exit_code: int
     step: int
     reason: str
+
+
+def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
+    """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
 
 
 def _seed_rank_rngs(seed: int, rank: int, step: int) -> None:
@@ -87,229 +96,281 @@ def _data_totals(loader, dp_group) -> dict:
     return out
 
 
-def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
-    """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
-    from megatron.core import parallel_state as ps
+def _split_batch(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels, document starts of the inputs) of a loader batch of S + 1 tokens per row."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    doc_start = batch["doc_start"].to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:], doc_start[:, :-1]
 
-    from hgrn_megatron.flops import count_parameters, flops_per_token
-    from hgrn_megatron.tokenizer import Tokenizer, padded_vocab_size
 
-    from .data import TrainLoader, build_validation_batches, merge_data_states
+class Trainer:
+    """One training run on this rank. Construction and `train()` are collective over all ranks."""
+
+    def __init__(self, cfg: RunConfig, resume: str = "auto"):
+        self.cfg = cfg
+        # Signal handlers first: a preemption notice during the (minutes-long) set-up is kept, not lost.
+        self.stop = StopRequest(cfg.train.preemption_signals, cfg.train.exit_after_minutes)
+        self.faults = FaultInjection.from_env()
+        self._init_parallel()
+        from ..tokenizer import Tokenizer, padded_vocab_size
+
+        self.tokenizer = Tokenizer.load(cfg.tokenizer.model)
+        self.layout = RunLayout(
+            world_size=self.world, dp_size=self.dp_size, tp_size=self.tp, zero_stage=cfg.parallel.zero_stage,
+            tokenizer_sha256=self.tokenizer.sha256, vocab_size=self.tokenizer.vocab_size,
+            padded_vocab_size=padded_vocab_size(self.tokenizer.vocab_size, self.tp),
+        )
+        ckpt_dir = self._choose_checkpoint(resume)
+        saved = ckpt_io.read_run_state(ckpt_dir) if ckpt_dir else None
+        universal = self._check_resumable(ckpt_dir, saved) if saved else False
+        self.engine = build_engine(cfg, self.layout.padded_vocab_size, self.dp_size, load_universal=universal)
+        _seed_rank_rngs(cfg.train.seed, self.rank, 0)
+        self.state, data_state = TrainState(), None
+        if ckpt_dir:
+            ckpt_io.load_checkpoint(self.engine, ckpt_dir, universal=universal)
+            self.state = TrainState.from_run_state(saved)
+            data_state = ckpt_io.load_data_state(ckpt_dir)
+            if universal:
+                _seed_rank_rngs(cfg.train.seed, self.rank, self.state.step)
+            log.info("resumed from %s at step %d (%s)", ckpt_dir, self.state.step,
+                     "universal: new DP/TP size" if universal else "exact")
+        self._build_data(data_state)
+        self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.rank == 0,
+                                     start_step=self.state.step)
+        self.saved_at = self.state.step
+        self._interval_start, self._interval_wait, self._interval_steps = time.perf_counter(), 0.0, 0
+        self._describe()
 
     # ------------------------------------------------------------ set-up
-    # Signal handlers first: a preemption notice during the (minutes-long) set-up is kept, not lost.
-    stop = StopRequest(cfg.train.preemption_signals, cfg.train.exit_after_minutes)
-    init_distributed(cfg.parallel.backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg.validate_world(world)
-    tp = cfg.parallel.tensor_parallel_size
-    init_model_parallel(tp)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode())
+    def _init_parallel(self) -> None:
+        from megatron.core import parallel_state as ps
 
-    tokenizer = Tokenizer.load(cfg.tokenizer.model)
-    padded_vocab = padded_vocab_size(tokenizer.vocab_size, tp)
+        cfg = self.cfg
+        init_distributed(cfg.parallel.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        cfg.validate_world(self.world)
+        self.tp = cfg.parallel.tensor_parallel_size
+        init_model_parallel(self.tp)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.dp_group = ps.get_data_parallel_group()
+        self.grad_accum = cfg.grad_accumulation_steps(self.dp_size)
+        self.run_dir, self.ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.atomic_write_bytes(self.run_dir / "config.yaml", dump_config(cfg).encode())
 
-    # Rank 0 chooses the checkpoint (the newest that verifies) and every rank follows that choice, or raises
-    # the same error. Checkpoints after the chosen step belong to an abandoned run: rank 0 sets them aside.
-    choice = [None]
-    if rank == 0:
-        try:
-            chosen = ckpt_io.resolve_checkpoint_arg(resume, ckpt_root)
-            choice = [("ok", str(chosen or ""))]
-            start = ckpt_io.read_run_state(chosen)["step"] if chosen else 0
-            if moved := ckpt_io.set_aside_later_checkpoints(ckpt_root, start):
-                log.warning("checkpoints after step %d (an abandoned run) moved to %s", start, moved)
-        except ckpt_io.CheckpointError as err:
-            choice = [("error", str(err))]
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0][0] == "error":
-        raise ckpt_io.CheckpointError(choice[0][1])
-    ckpt_dir = Path(choice[0][1]) if choice[0][1] else None
-    run_state = ckpt_io.read_run_state(ckpt_dir) if ckpt_dir else None
-    if run_state and run_state["tokenizer_sha256"] != tokenizer.sha256:
-        raise ckpt_io.CheckpointError(
-            f"{ckpt_dir}: trained with tokenizer sha256 {run_state['tokenizer_sha256'][:12]}..., but "
-            f"{cfg.tokenizer.model} has {tokenizer.sha256[:12]}...; resume with the same tokenizer"
-        )
-    # Another DP or TP size goes through DeepSpeed's universal (layout-free) checkpoint; TP merges need the
-    # per-parameter rules that checkpoints record since run-state format 2.
-    universal = bool(run_state) and (run_state["dp_size"], run_state["tp_size"]) != (dp_size, tp)
-    if universal and run_state["tp_size"] != tp and run_state.get("format", 1) < 2:
-        raise ckpt_io.CheckpointError(
-            f"{ckpt_dir}: changing TP ({run_state['tp_size']} -> {tp}) needs a checkpoint that records its TP merge "
-            "rules (saved by this version); resume it at its own TP size once and save again"
-        )
+    def _choose_checkpoint(self, resume: str) -> Path | None:
+        """Rank 0 chooses the checkpoint (the newest that verifies) and every rank follows that choice, or raises
+        the same error. Checkpoints after the chosen step belong to an abandoned run: rank 0 sets them aside."""
+        choice = [None]
+        if self.rank == 0:
+            try:
+                chosen = ckpt_io.resolve_checkpoint_arg(resume, self.ckpt_root)
+                choice = [("ok", str(chosen or ""))]
+                start = ckpt_io.read_run_state(chosen)["step"] if chosen else 0
+                if moved := ckpt_io.set_aside_later_checkpoints(self.ckpt_root, start):
+                    log.warning("checkpoints after step %d (an abandoned run) moved to %s", start, moved)
+            except ckpt_io.CheckpointError as err:
+                choice = [("error", str(err))]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0][0] == "error":
+            raise ckpt_io.CheckpointError(choice[0][1])
+        return Path(choice[0][1]) if choice[0][1] else None
 
-    engine = build_engine(cfg, padded_vocab, dp_size, load_universal=universal)
-    device = engine.device  # the loader yields CPU tensors; the model may live on a GPU
-    _seed_rank_rngs(cfg.train.seed, rank, 0)
-    step, consumed_samples, skipped_total, in_a_row, data_state = 0, 0, 0, 0, None
-    if ckpt_dir:
-        ckpt_io.load_checkpoint(engine, ckpt_dir, universal=universal)
-        step, consumed_samples = run_state["step"], run_state["consumed_samples"]
-        skipped_total = run_state.get("skipped_steps", 0)
-        in_a_row = run_state.get("nonfinite_in_a_row", 0)  # a streak goes on across a requeue
-        data_state = ckpt_io.load_data_state(ckpt_dir)
-        if universal:
-            _seed_rank_rngs(cfg.train.seed, rank, step)
-        log.info("resumed from %s at step %d (%s)", ckpt_dir, step,
-                 "universal: new DP/TP size" if universal else "exact")
+    def _check_resumable(self, ckpt_dir: Path, saved: dict) -> bool:
+        """Raise CheckpointError unless this job can continue `ckpt_dir`; True when it must go through DeepSpeed's
+        universal (layout-free) checkpoint, i.e. at another DP or TP size."""
+        before = saved_layout(saved)
+        if before.tokenizer_sha256 != self.layout.tokenizer_sha256:
+            raise ckpt_io.CheckpointError(
+                f"{ckpt_dir}: trained with tokenizer sha256 {before.tokenizer_sha256[:12]}..., but "
+                f"{self.cfg.tokenizer.model} has {self.layout.tokenizer_sha256[:12]}...; resume with the same tokenizer"
+            )
+        universal = (before.dp_size, before.tp_size) != (self.dp_size, self.tp)
+        # TP merges need the per-parameter rules that checkpoints record since run-state format 2.
+        if universal and before.tp_size != self.tp and saved.get("format", 1) < 2:
+            raise ckpt_io.CheckpointError(
+                f"{ckpt_dir}: changing TP ({before.tp_size} -> {self.tp}) needs a checkpoint that records its TP "
+                "merge rules (saved by this version); resume it at its own TP size once and save again"
+            )
+        return universal
 
-    seq = cfg.model.seq_length
-    mb, ga = cfg.train.micro_batch_size, cfg.grad_accumulation_steps(dp_size)
-    loader = TrainLoader(cfg.data, tokenizer, seq, mb, dp_rank, dp_size, state=data_state)
-    val_batches, val_sources = [], []
-    if cfg.train.eval_interval:
-        val = build_validation_batches(cfg.data, tokenizer, seq, mb, dp_rank, dp_size)
-        val_batches, val_sources = val["batches"], val["source_names"]
-    evaluating = bool(cfg.train.eval_interval) and all_reduce_max(len(val_batches)) > 0
-    val_filler = {"tokens": torch.zeros(mb, seq + 1, dtype=torch.long),
-                  "doc_start": torch.zeros(mb, seq + 1, dtype=torch.bool)}
-    if cfg.train.eval_interval and not evaluating and rank == 0:
-        log.warning("train.eval_interval is %d but there are no validation samples (data.valid_shards: %s); "
-                    "validation is off", cfg.train.eval_interval, cfg.data.valid_shards or "none")
+    def _build_data(self, data_state: dict | None) -> None:
+        from .data import TrainLoader, build_validation_batches
 
-    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard, enabled=rank == 0, start_step=step)
-    flops_tok = flops_per_token(cfg.model, padded_vocab, seq)
-    peak = device_peak_flops(cfg.train.precision)
-    inject = set(cfg.train.inject_nonfinite_at_steps)
-    zero0 = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
-    if rank == 0:
-        n_params = count_parameters(cfg.model, padded_vocab)  # this rank's shard x TP would count replicas
-        log.info(
-            "training %s: ~%.1fM parameters, world %d (tp %d x dp %d), ZeRO %d, %s, micro %d x accum %d, seq %d",
-            cfg.model.preset or "custom", n_params / 1e6, world, tp, dp_size, cfg.parallel.zero_stage,
-            cfg.train.precision, mb, ga, seq,
-        )
+        cfg, seq, mb = self.cfg, self.cfg.model.seq_length, self.cfg.train.micro_batch_size
+        self.loader = TrainLoader(cfg.data, self.tokenizer, seq, mb, self.dp_rank, self.dp_size, state=data_state)
+        self.val_batches, self.val_sources = [], []
+        if cfg.train.eval_interval:
+            val = build_validation_batches(cfg.data, self.tokenizer, seq, mb, self.dp_rank, self.dp_size)
+            self.val_batches, self.val_sources = val["batches"], val["source_names"]
+        self.evaluating = bool(cfg.train.eval_interval) and all_reduce_max(len(self.val_batches)) > 0
+        # Under ZeRO-3 a rank past its own validation batches runs this one (and discards it) while others go on.
+        self.val_filler = {"tokens": torch.zeros(mb, seq + 1, dtype=torch.long),
+                           "doc_start": torch.zeros(mb, seq + 1, dtype=torch.bool)}
+        if cfg.train.eval_interval and not self.evaluating and self.rank == 0:
+            log.warning("train.eval_interval is %d but there are no validation samples (data.valid_shards: %s); "
+                        "validation is off", cfg.train.eval_interval, cfg.data.valid_shards or "none")
 
-    def save(at_step: int) -> None:
-        states = [None] * world
-        dist.all_gather_object(states, (tp_rank, loader.state_dict()))
-        data_global = merge_data_states([s for t, s in states if t == 0])
-        run_state_out = {
-            "format": 2,  # 2: the DeepSpeed checkpoint records TP merge rules (a TP change can resume from it)
-            "step": at_step, "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * seq,
-            "world_size": world, "dp_size": dp_size, "tp_size": tp, "zero_stage": cfg.parallel.zero_stage,
-            "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-            "padded_vocab_size": padded_vocab, "skipped_steps": skipped_total, "nonfinite_in_a_row": in_a_row,
-            "last_val_loss": last_val_loss,
+    def _describe(self) -> None:
+        from ..flops import count_parameters, flops_per_token
+
+        cfg = self.cfg
+        self.flops_per_token = flops_per_token(cfg.model, self.layout.padded_vocab_size, cfg.model.seq_length)
+        self.peak_flops = device_peak_flops(cfg.train.precision)
+        self.zero0 = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+        if self.rank == 0:
+            n_params = count_parameters(cfg.model, self.layout.padded_vocab_size)
+            log.info(
+                "training %s: ~%.1fM parameters, world %d (tp %d x dp %d), ZeRO %d, %s, micro %d x accum %d, seq %d",
+                cfg.model.preset or "custom", n_params / 1e6, self.world, self.tp, self.dp_size,
+                cfg.parallel.zero_stage, cfg.train.precision, cfg.train.micro_batch_size, self.grad_accum,
+                cfg.model.seq_length,
+            )
+
+    # ------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        if state.validation_due and not self.maybe_evaluate(force=True):
+            return self._requeue()
+        while state.step < cfg.train.steps:
+            self.faults.maybe_kill(state.step + 1, self.rank)
+            self.train_step()
+            self.log_interval()
+            if not self.maybe_evaluate():
+                return self._requeue()
+            self.maybe_checkpoint()
+            if state.step == cfg.train.steps:
+                break
+            if self.stop.agreed():
+                return self._requeue()
+        return TrainResult(EXIT_OK, state.step, "finished")
+
+    def train_step(self) -> None:
+        """One optimizer step over `grad_accum` micro-batches; a non-finite loss or gradient skips the update."""
+        cfg, engine = self.cfg, self.engine
+        self.lr = learning_rate(cfg, self.state.step)
+        set_learning_rate(engine, self.lr)
+        losses = []
+        for micro in range(self.grad_accum):
+            t_wait = time.perf_counter()
+            batch = next(self.loader)
+            self._interval_wait += time.perf_counter() - t_wait
+            inputs, labels, doc_start = _split_batch(batch, engine.device)
+            loss = engine(inputs, labels=labels, doc_start=doc_start).float().mean()
+            if self.faults.poisons(self.state.step + 1):
+                loss = loss * float("nan")
+            engine.backward(loss)
+            losses.append(loss.detach())
+            if micro == self.grad_accum - 1 and self.zero0:
+                # ZeRO >= 1 and bf16 measure the gradient norm and skip non-finite updates inside DeepSpeed;
+                # plain fp32 data parallelism does neither, so the trainer does both here.
+                self._zero0_grad_norm = _grad_norm(engine)
+                finite = math.isfinite(self._zero0_grad_norm) and torch.isfinite(torch.stack(losses)).all()
+                if all_reduce_flag(not finite):
+                    _step_without_update(engine)
+                    continue
+            engine.step()
+        self._finish_step(losses)
+
+    def _finish_step(self, losses: list[torch.Tensor]) -> None:
+        """Agree on the step's loss and gradient norm, count the step, abort on too long a non-finite streak."""
+        cfg, state = self.cfg, self.state
+        step_loss = torch.stack(losses).mean()
+        dist.all_reduce(step_loss, group=self.dp_group)
+        step_loss = step_loss.item() / self.dp_size
+        grad_norm = self._zero0_grad_norm if self.zero0 else self.engine.get_global_grad_norm()
+        self.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        applied = self.engine.was_step_applied() and math.isfinite(step_loss) and math.isfinite(self.grad_norm)
+        samples = cfg.train.global_batch_size
+        state.record_step(step_loss, applied, samples, samples * cfg.model.seq_length)
+        self._interval_steps += 1
+        if not applied:
+            log.warning("step %d: non-finite loss/grad norm (%s / %s); update skipped", state.step, step_loss,
+                        self.grad_norm)
+            if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                raise TrainingAborted(
+                    f"{state.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row = "
+                    f"{cfg.train.max_nonfinite_in_a_row}) at step {state.step}; stopping without checkpointing"
+                )
+
+    def log_interval(self) -> None:
+        """At every `log_interval`-th step (and the last): one console line, one metrics record."""
+        cfg, state = self.cfg, self.state
+        if state.step % cfg.logging.log_interval and state.step != cfg.train.steps:
+            return
+        elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
+        steps = max(self._interval_steps, 1)
+        tokens_per_s = self._interval_steps * cfg.train.global_batch_size * cfg.model.seq_length / elapsed
+        loss, skipped = state.take_interval()
+        record = {
+            "split": "train", "step": state.step, "total_steps": cfg.train.steps,
+            "loss": loss, "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world) if self.peak_flops else None,
+            "memory_gib": memory_gib(), "data_wait_pct": 100.0 * self._interval_wait / elapsed,
+            "skipped_steps": state.skipped_steps, "skipped_in_interval": skipped,
+            "step_time_s": elapsed / steps, "eta_s": (cfg.train.steps - state.step) * elapsed / steps,
+            "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
+            **_data_totals(self.loader, self.dp_group),
         }
-        nonlocal saved_at
-        saved_at = at_step
+        if self.rank == 0:
+            log.info(console_line(record))
+        self.metrics.write(record)
+        self._interval_start, self._interval_wait, self._interval_steps = time.perf_counter(), 0.0, 0
+
+    def maybe_evaluate(self, force: bool = False) -> bool:
+        """Validate at every `eval_interval`-th step and the last (or now, when `force`). False if the ranks agreed
+        to stop part-way: the checkpoint then records the validation as due, and the resume runs it first."""
+        cfg, state = self.cfg, self.state
+        due = self.evaluating and (force or state.step % cfg.train.eval_interval == 0 or state.step == cfg.train.steps)
+        if not due:
+            state.validation_due = False
+            return True
+        self.faults.maybe_preempt_validation(state.step)
+        val = evaluate(self.engine, self.val_batches, self.val_sources, self.dp_group, self.stop, self.val_filler)
+        if val is None:
+            state.validation_due = True
+            return False
+        state.validation_due = False
+        state.last_val_loss = val["val_loss"]
+        if self.rank == 0:
+            log.info("step %d | val loss %.4f | val ppl %.2f", state.step, val["val_loss"], val["val_ppl"])
+        self.metrics.write({"split": "val", "step": state.step, **val}, prefix="val")
+        return True
+
+    def maybe_checkpoint(self) -> None:
+        """Save at every `checkpoint.interval`-th step and at the end; never inside a non-finite streak."""
+        cfg, state = self.cfg, self.state
+        at_end = state.step == cfg.train.steps
+        due = bool(cfg.checkpoint.interval) and state.step % cfg.checkpoint.interval == 0
+        if (at_end and cfg.checkpoint.save_at_end) or (due and not state.nonfinite_in_a_row):
+            self.save()
+        elif due:  # inside a non-finite streak: keep the last clean checkpoint as the newest
+            log.warning("step %d: checkpoint deferred (non-finite streak of %d)", state.step, state.nonfinite_in_a_row)
+
+    def save(self) -> None:
+        """Collective: a checkpoint of this step (model, optimizer, RNG, data position, `TrainState`)."""
+        from .data import merge_data_states
+
+        states = [None] * self.world
+        dist.all_gather_object(states, (self.tp_rank, self.loader.state_dict()))
+        data_global = merge_data_states([s for t, s in states if t == 0])
         path = ckpt_io.save_checkpoint(
-            engine, ckpt_root, at_step, run_state_out, data_global, dump_config(cfg),
-            cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+            self.engine, self.ckpt_root, self.state.step, run_state_dict(self.state, self.layout), data_global,
+            dump_config(self.cfg), ckpt_io.RetentionPolicy.from_config(self.cfg.checkpoint),
         )
+        self.saved_at = self.state.step
         log.info("saved checkpoint %s", path)
 
-    # ------------------------------------------------------------ loop
-    last_val_loss = run_state.get("last_val_loss") if run_state else None
-    interval_losses, interval_skipped = [], 0
-    interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
-    result: TrainResult | None = None
-    saved_at = step
-    try:
-        while step < cfg.train.steps:
-            lr = learning_rate(cfg, step)
-            set_learning_rate(engine, lr)
-            local_losses = []
-            for micro in range(ga):
-                t_wait = time.perf_counter()
-                batch = next(loader)
-                interval_wait += time.perf_counter() - t_wait
-                tokens = batch["tokens"].to(device, non_blocking=True)
-                doc_start = batch["doc_start"].to(device, non_blocking=True)
-                loss = engine(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1]).float().mean()
-                if step + 1 in inject:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                local_losses.append(loss.detach())
-                if micro == ga - 1 and zero0:
-                    # ZeRO >= 1 and bf16 measure the gradient norm and skip non-finite updates inside DeepSpeed;
-                    # plain fp32 data parallelism does neither, so the trainer does both here.
-                    zero0_grad_norm = _grad_norm(engine)
-                    finite = math.isfinite(zero0_grad_norm) and torch.isfinite(torch.stack(local_losses)).all()
-                    if all_reduce_flag(not finite):
-                        _step_without_update(engine)
-                        continue
-                engine.step()
-            step += 1
-            consumed_samples += cfg.train.global_batch_size
+    def _requeue(self) -> TrainResult:
+        """Save (unless this step is saved already) and return the requeue result."""
+        if self.saved_at != self.state.step or self.state.validation_due:
+            self.save()
+        result = TrainResult(EXIT_REQUEUE, self.state.step, self.stop.local_reason() or "stop requested by a peer")
+        log.info("stopping at step %d to be requeued: %s", self.state.step, result.reason)
+        return result
 
-            step_loss = torch.stack(local_losses).mean()
-            dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
-            step_loss = step_loss.item() / dp_size
-            grad_norm = zero0_grad_norm if zero0 else engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            applied = engine.was_step_applied() and math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if applied:
-                in_a_row = 0
-                interval_losses.append(step_loss)
-            else:
-                in_a_row += 1
-                skipped_total += 1
-                interval_skipped += 1
-                log.warning("step %d: non-finite loss/grad norm (%s / %s); update skipped", step, step_loss, grad_norm)
-                if in_a_row >= cfg.train.max_nonfinite_in_a_row:
-                    raise TrainingAborted(
-                        f"{in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row = "
-                        f"{cfg.train.max_nonfinite_in_a_row}) at step {step}; stopping without checkpointing"
-                    )
-            interval_steps += 1
-
-            if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_s = interval_steps * cfg.train.global_batch_size * seq / max(elapsed, 1e-9)
-                data_totals = _data_totals(loader, ps.get_data_parallel_group())
-                record = {
-                    "split": "train", "step": step, "total_steps": cfg.train.steps,
-                    "loss": float(np.mean(interval_losses)) if interval_losses else float("nan"),
-                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                    "mfu": flops_tok * tokens_per_s / (peak * world) if peak else None,
-                    "memory_gib": memory_gib(), "data_wait_pct": 100.0 * interval_wait / max(elapsed, 1e-9),
-                    "skipped_steps": skipped_total, "skipped_in_interval": interval_skipped,
-                    "step_time_s": elapsed / interval_steps,
-                    "eta_s": (cfg.train.steps - step) * elapsed / interval_steps,
-                    "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * seq,
-                    **data_totals,
-                }
-                if rank == 0:
-                    log.info(console_line(record))
-                metrics.write(record)
-                interval_losses, interval_skipped, interval_wait, interval_steps = [], 0, 0.0, 0
-                interval_start = time.perf_counter()
-
-            if evaluating and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-                val = evaluate(engine, val_batches, val_sources, ps.get_data_parallel_group(), stop, val_filler)
-                if val is None:  # preempted during evaluation
-                    save(step)
-                    result = TrainResult(EXIT_REQUEUE, step, stop.local_reason() or "stop requested by a peer")
-                    break
-                last_val_loss = val["val_loss"]
-                if rank == 0:
-                    log.info("step %d | val loss %.4f | val ppl %.2f", step, val["val_loss"], val["val_ppl"])
-                metrics.write({"split": "val", "step": step, **val}, prefix="val")
-
-            at_end = step == cfg.train.steps
-            due = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0
-            if (at_end and cfg.checkpoint.save_at_end) or (due and not in_a_row):
-                save(step)
-            elif due:  # inside a non-finite streak: keep the last clean checkpoint as the newest
-                log.warning("step %d: checkpoint deferred (non-finite streak of %d)", step, in_a_row)
-            if at_end:
-                break
-            if stop.agreed():
-                if saved_at != step:
-                    save(step)
-                result = TrainResult(EXIT_REQUEUE, step, stop.local_reason() or "stop requested by a peer")
-                log.info("stopping at step %d to be requeued: %s", step, result.reason)
-                break
-    finally:
-        loader.close()
-        metrics.close()
-    return result or TrainResult(EXIT_OK, step, "finished")
+    def close(self) -> None:
+        self.loader.close()
+        self.metrics.close()

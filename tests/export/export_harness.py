@@ -65,7 +65,7 @@ def train_and_checkpoint(spec: dict) -> dict | None:
 
     from hgrn_megatron.config import ModelConfig
     from hgrn_megatron.model import build_model
-    from hgrn_megatron.pretrain.checkpoint import save_checkpoint
+    from hgrn_megatron.pretrain.checkpoint import RetentionPolicy, save_checkpoint
     from hgrn_megatron.pretrain.distributed import MegatronMpu, init_model_parallel
     from hgrn_megatron.tokenizer import padded_vocab_size
 
@@ -104,7 +104,7 @@ def train_and_checkpoint(spec: dict) -> dict | None:
     config_yaml = yaml.safe_dump({"run_dir": str(run_dir), "model": cfg.model_dump(mode="json"),
                                   "tokenizer": {"model": spec["tokenizer_dir"]}}, sort_keys=False)
     save_checkpoint(engine, run_dir / "checkpoints", spec["steps"], run_state, {}, config_yaml,
-                    keep_last=2, keep_every=None)
+                    RetentionPolicy(keep_last=2))
 
     engine.eval()
     ids = probe_tokens(vocab)

@@ -173,8 +173,9 @@ def test_resume_falls_back_past_torn_checkpoints(run_tree):
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
-def test_nonfinite_step_is_skipped_and_counted(run_tree, zero_stage):
-    tree = run_tree(train={"inject_nonfinite_at_steps": [3]}, parallel={"zero_stage": zero_stage})
+def test_nonfinite_step_is_skipped_and_counted(run_tree, zero_stage, monkeypatch):
+    monkeypatch.setenv("HGRN_FAULT_INJECTION", json.dumps({"nonfinite_at_steps": [3]}))
+    tree = run_tree(parallel={"zero_stage": zero_stage})
     assert run(tree, 1) == (0, 6)
     records = [json.loads(line) for line in open(tree["run_dir"] + "/metrics.jsonl")]
     by_step = {r["step"]: r for r in records if r["split"] == "train"}
@@ -184,10 +185,9 @@ def test_nonfinite_step_is_skipped_and_counted(run_tree, zero_stage):
     assert by_step[6]["loss"] < by_step[1]["loss"]
 
 
-def test_nonfinite_steps_in_a_row_abort_without_checkpoint(run_tree):
-    tree = run_tree(
-        train={"inject_nonfinite_at_steps": [2, 3], "max_nonfinite_in_a_row": 2}, checkpoint={"interval": 1}
-    )
+def test_nonfinite_steps_in_a_row_abort_without_checkpoint(run_tree, monkeypatch):
+    monkeypatch.setenv("HGRN_FAULT_INJECTION", json.dumps({"nonfinite_at_steps": [2, 3]}))
+    tree = run_tree(train={"max_nonfinite_in_a_row": 2}, checkpoint={"interval": 1})
     with pytest.raises(DistributedTestError, match="2 non-finite steps in a row"):
         run(tree, 1)
     import pathlib

@@ -137,3 +137,39 @@ def test_srun_tasks_without_a_rendezvous_address_are_refused(monkeypatch):
     assert launch_env().launcher == "single"
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     assert (launch_env().rank, launch_env().world_size, launch_env().launcher) == (3, 8, "slurm")
+
+
+def test_logged_loss_after_an_off_grid_resume_covers_the_same_steps(run_tree):
+    """A resume at step 1 (not a multiple of log_interval 4): the record at step 4 still averages steps 1-4,
+    because the interval's partial sums travel in the checkpoint."""
+    straight = run_tree(train={"steps": 8}, logging={"log_interval": 4, "tensorboard": False})
+    straight["run_dir"] += "-straight"
+    assert run(straight, 1) == (0, 8)
+    split = run_tree(train={"steps": 8, "exit_after_minutes": 1e-6},
+                     logging={"log_interval": 4, "tensorboard": False})
+    assert run(split, 1) == (EXIT_REQUEUE, 1)
+    del split["train"]["exit_after_minutes"]
+    assert run(split, 1) == (0, 8)
+    assert read_losses(split["run_dir"]) == read_losses(straight["run_dir"])  # steps 4 and 8, bit-identical
+
+
+def test_preempted_validation_runs_after_the_resume(run_tree, monkeypatch):
+    """A preemption notice during the validation of step 2: the run saves step 2 and exits for requeue without a
+    validation record; the resumed run validates step 2 first (the same loss an uninterrupted run logs)."""
+    def val_losses(tree):
+        lines = Path(tree["run_dir"], "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["split"] == "val"}
+
+    common = {"train": {"steps": 4, "eval_interval": 2}, "data": {"valid_samples": 4}}
+    straight = run_tree(**common)
+    straight["run_dir"] += "-straight"
+    assert run(straight, 1) == (0, 4)
+    tree = run_tree(**common)
+    monkeypatch.setenv("HGRN_FAULT_INJECTION", json.dumps({"preempt_validation_at_step": 2}))
+    assert run(tree, 1) == (EXIT_REQUEUE, 2)
+    assert val_losses(tree) == {}
+    state = json.loads((Path(tree["run_dir"]) / "checkpoints" / "step-00000002" / "run_state.json").read_text())
+    assert state["validation_due"] is True
+    monkeypatch.delenv("HGRN_FAULT_INJECTION")
+    assert run(tree, 1) == (0, 4)
+    assert val_losses(tree) == val_losses(straight) and sorted(val_losses(tree)) == [2, 4]
