@@ -25,7 +25,7 @@ Memory, two figures per configuration, measured in a child process (so they do n
   or more to the OS when freed (`MALLOC_MMAP_THRESHOLD_`), so RSS follows live tensor memory; this adds the
   backward's temporaries and the gradients. tracemalloc cannot be used: it sees Python's allocator only,
   not torch's.
-Goals (issue 9): HGRN tokens/s at 8192 >= 0.8 x at 512; HGRN >= 2 x the Transformer at 8192; HGRN
+Goals: HGRN tokens/s at 8192 >= 0.8 x at 512; HGRN >= 2 x the Transformer at 8192; HGRN
 activation memory per token flat in T.
 """
 from __future__ import annotations

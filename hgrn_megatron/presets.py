@@ -10,7 +10,8 @@ prints them for any vocabulary):
   attention's 4·d², so the SwiGLU width `ffn_hidden_size` (a multiple of 128) is what brings each preset to
   its nominal size:
   `hgrn-125m` 127.2 M, `hgrn-350m` 350.6 M (both with tied embeddings, as GPT-3's small models: an untied
-  head would be 30 % of the model), `hgrn-1b` 1.079 B (GLU 2·d as in the issue's reference shape),
+  head would be 30 % of the model), `hgrn-1b` 1.079 B (SwiGLU width 2·d per half,
+  the reference shape the cluster sizing assumes),
   `hgrn-3b` 2.985 B, `hgrn-7b` 6.990 B (untied from 1B up);
 - `num_attention_heads` gives 64-dim heads up to 350M and 128-dim heads from 1B up (baseline only);
 - `tiny` is for tests and the CPU quickstart: it builds in milliseconds and trains on two cores.

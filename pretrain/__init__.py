@@ -1,6 +1,7 @@
 """hgrn_megatron.pretrain: data pipeline, DeepSpeed engine, sharded checkpoints, training loop, logging.
 
-May import `hgrn_megatron` (model), `hgrn_megatron.kernels` and `hgrn_megatron.tokenizer`; nothing imports it back.
+May import the core (`hgrn_megatron`: model, corpus), `hgrn_megatron.kernels` and `hgrn_megatron.tokenizer`; only the
+layers above it (export, evaluation) import it.
 
 Exit codes of `hgrn-pretrain` (launch scripts rely on them):
 """
