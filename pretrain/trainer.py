@@ -120,14 +120,9 @@ class Trainer:
             tokenizer_sha256=self.tokenizer.sha256, vocab_size=self.tokenizer.vocab_size,
             padded_vocab_size=padded_vocab_size(self.tokenizer.vocab_size, self.tp),
         )
-        ckpt_dir = self._choose_checkpoint(resume)
-        saved = ckpt_io.read_run_state(ckpt_dir) if ckpt_dir else None
-        universal = self._check_resumable(ckpt_dir, saved) if saved else False
-        self.engine = build_engine(cfg, self.layout.padded_vocab_size, self.dp_size, load_universal=universal)
-        _seed_rank_rngs(cfg.train.seed, self.rank, 0)
+        ckpt_dir, saved, universal = self._resume(resume)
         self.state, data_state = TrainState(), None
         if ckpt_dir:
-            ckpt_io.load_checkpoint(self.engine, ckpt_dir, universal=universal)
             self.state = TrainState.from_run_state(saved)
             data_state = ckpt_io.load_data_state(ckpt_dir)
             if universal:
@@ -157,26 +152,72 @@ class Trainer:
         self.grad_accum = cfg.grad_accumulation_steps(self.dp_size)
         self.run_dir, self.ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.atomic_write_bytes(self.run_dir / "config.yaml", dump_config(cfg).encode())
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                ckpt_io.atomic_write_bytes(self.run_dir / "config.yaml", dump_config(cfg).encode())
+            except OSError as err:
+                where = self.run_dir / "config.yaml"
+                raise ckpt_io.CheckpointWriteError(ckpt_io.describe_write_error(err, where)) from None
 
-    def _choose_checkpoint(self, resume: str) -> Path | None:
-        """Rank 0 chooses the checkpoint (the newest that verifies) and every rank follows that choice, or raises
-        the same error. Checkpoints after the chosen step belong to an abandoned run: rank 0 sets them aside."""
-        choice = [None]
+    def _resume(self, resume: str) -> tuple[Path | None, dict | None, bool]:
+        """Build the engine and load the newest usable checkpoint into it: (its folder, its run state, whether it
+        went through the universal format), or (None, None, False) for a fresh start. A checkpoint whose bytes do
+        not match its manifest, or that fails to load, is skipped (with a warning) for the next older one; when
+        checkpoints exist and none is usable, that is an error, not a fresh start."""
+        found = self._on_rank0(lambda: [str(p) for p in ckpt_io.resume_candidates(resume, self.ckpt_root)])
+        skipped, built_for = [], None
+        for ckpt_dir in map(Path, found):
+            problem = self._agreed_problem(lambda d=ckpt_dir: ckpt_io.content_problem(d, self.rank, self.world))
+            saved = None if problem else ckpt_io.read_run_state(ckpt_dir)
+            if saved is not None:
+                universal = self._check_resumable(ckpt_dir, saved)
+                if built_for != universal:
+                    self.engine, built_for = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size,
+                                                          load_universal=universal), universal
+                _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
+                problem = self._agreed_problem(lambda d=ckpt_dir, u=universal: ckpt_io.load_checkpoint(
+                    self.engine, d, universal=u))
+            if problem is None:
+                self._set_aside_after(saved["step"])
+                return ckpt_dir, saved, universal
+            log.warning("checkpoint %s is not usable (%s); trying an older one", ckpt_dir, problem)
+            skipped.append(f"{ckpt_dir.name}: {problem}")
+        if skipped:
+            raise ckpt_io.unusable_error(self.ckpt_root, skipped)
+        self.engine = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size)
+        _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
+        self._set_aside_after(0)
+        return None, None, False
+
+    def _on_rank0(self, fn):
+        """fn() on rank 0, its result (or its CheckpointError) on every rank."""
+        out = [None]
         if self.rank == 0:
             try:
-                chosen = ckpt_io.resolve_checkpoint_arg(resume, self.ckpt_root)
-                choice = [("ok", str(chosen or ""))]
-                start = ckpt_io.read_run_state(chosen)["step"] if chosen else 0
-                if moved := ckpt_io.set_aside_later_checkpoints(self.ckpt_root, start):
-                    log.warning("checkpoints after step %d (an abandoned run) moved to %s", start, moved)
+                out = [("ok", fn())]
             except ckpt_io.CheckpointError as err:
-                choice = [("error", str(err))]
-        dist.broadcast_object_list(choice, src=0)
-        if choice[0][0] == "error":
-            raise ckpt_io.CheckpointError(choice[0][1])
-        return Path(choice[0][1]) if choice[0][1] else None
+                out = [("error", str(err))]
+        dist.broadcast_object_list(out, src=0)
+        if out[0][0] == "error":
+            raise ckpt_io.CheckpointError(out[0][1])
+        return out[0][1]
+
+    def _agreed_problem(self, fn) -> str | None:
+        """Run fn() on every rank (it returns a problem or None, or raises); the first rank's problem, or None."""
+        try:
+            problem = fn()
+        except Exception as err:  # noqa: BLE001 - a file that does not load: its reason, and try an older one
+            problem = f"{type(err).__name__}: {str(err)[:300]}"
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        return next((f"rank {r}: {p}" if self.world > 1 else p for r, p in enumerate(problems) if p), None)
+
+    def _set_aside_after(self, step: int) -> None:
+        """Rank 0: checkpoints after the resumed step belong to an abandoned run; so do unfinished saves."""
+        if self.rank == 0:
+            ckpt_io.remove_unfinished_saves(self.ckpt_root)
+            if moved := ckpt_io.set_aside_later_checkpoints(self.ckpt_root, step):
+                log.warning("checkpoints after step %d (an abandoned run) moved to %s", step, moved)
 
     def _check_resumable(self, ckpt_dir: Path, saved: dict) -> bool:
         """Raise CheckpointError unless this job can continue `ckpt_dir`; True when it must go through DeepSpeed's
@@ -186,6 +227,11 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"{ckpt_dir}: trained with tokenizer sha256 {before.tokenizer_sha256[:12]}..., but "
                 f"{self.cfg.tokenizer.model} has {self.layout.tokenizer_sha256[:12]}...; resume with the same tokenizer"
+            )
+        if differences := ckpt_io.model_differences(ckpt_dir, self.cfg.model):
+            raise ckpt_io.CheckpointError(
+                f"{ckpt_dir}: the model differs from the checkpoint's ({'; '.join(differences)}); resume with the "
+                "checkpoint's model settings, or start a new run"
             )
         universal = (before.dp_size, before.tp_size) != (self.dp_size, self.tp)
         # TP merges need the per-parameter rules that checkpoints record since run-state format 2.

@@ -1,0 +1,179 @@
+"""Saving a checkpoint: every rank writes and digests its own files into `step-N.tmp/`, rank 0 gathers the
+manifest entries, writes the manifest and renames the folder into place."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import engine_io
+from .files import (
+    CheckpointWriteError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    describe_write_error,
+    fsync_path,
+    os_error_behind,
+)
+from .manifest import record_file, write_manifest
+from .retention import RetentionPolicy, apply_retention, step_dir_name
+
+DS_TAG = "ds"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def universal_checkpoint_info(param_names: list[str], vocab_size: int) -> dict:
+    """How DeepSpeed's universal-checkpoint converter merges each parameter's TP shards (and the optimizer
+    state beside it) into one tensor, from `hgrn_megatron.tp_rules`; loading re-splits them for any TP size.
+
+    Default: concatenate along dim 0 (column-parallel weights, per-channel HGRU vectors). Listed: row-parallel
+    weights and the lower-bound table (dim 1), the SwiGLU fc1 ([gate_r; up_r] per rank: two sub-parameters),
+    the vocabulary (padding stripped to `vocab_size`, re-padded for the new TP size), replicated tensors
+    (must agree across ranks). Patterns are exact names: the converter's strict mode rejects unused ones.
+    """
+    from deepspeed.checkpoint.constants import (
+        PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0,
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+        TP_REPLICATED_PARAMETER_PATTERNS,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        VOCABULARY_PARAMETER_PATTERNS,
+    )
+
+    from hgrn_megatron.tp_rules import rule_for
+
+    groups = {TP_REPLICATED_PARAMETER_PATTERNS: [], PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [],
+              PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [], VOCABULARY_PARAMETER_PATTERNS: []}
+    for name in param_names:
+        rule = rule_for(name)
+        pattern = re.escape(name) + "$"
+        if rule.kind == "replicated":
+            groups[TP_REPLICATED_PARAMETER_PATTERNS].append(pattern)
+        elif rule.kind == "vocab":
+            groups[VOCABULARY_PARAMETER_PATTERNS].append(pattern)
+        elif rule.stride == 2 and rule.dim == 0:
+            groups[PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0].append(pattern)
+        elif rule.stride != 1:
+            raise ValueError(f"universal checkpoint: no DeepSpeed merge for '{name}' (stride {rule.stride})")
+        elif rule.dim == 1:
+            groups[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS].append(pattern)
+    info = {key: patterns for key, patterns in groups.items() if patterns}
+    info[UNIVERSAL_CHECKPOINT_VERSION_KEY] = UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    info["original_vocab_size"] = vocab_size
+    return info
+
+
+def _write_own_files(tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str) -> dict[str, dict]:
+    """The files that are ours rather than DeepSpeed's: this rank's RNG states, and on rank 0 the run and data
+    state and the config. Returns their manifest entries."""
+    written = [tmp / "rng" / f"rank-{rank:05d}.pt"]
+    atomic_torch_save(rng_state(), written[0])
+    if rank == 0:
+        atomic_torch_save(data_state, tmp / "data_state.pt")
+        atomic_write_bytes(tmp / "run_state.json", json.dumps(run_state, indent=1).encode())
+        atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
+        written += [tmp / "data_state.pt", tmp / "run_state.json", tmp / "config.yaml"]
+    return dict(record_file(path, tmp, rank) for path in written)
+
+
+def _write_shards(engine, tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str):
+    """This rank's part of a save: (manifest entries, None) or (None, why it failed)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    writer = engine_io.install(engine)
+    writer.begin(tmp, rank)
+    info = universal_checkpoint_info([n for n, _ in engine.module.named_parameters()], run_state["vocab_size"])
+    try:
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={UNIVERSAL_CHECKPOINT_INFO: info},
+                               save_latest=False)
+    except OSError as err:
+        # DeepSpeed's own small writes (its recovery scripts) failed on this rank after its opening barrier: meet
+        # the other ranks at its closing one, so that the collectives stay paired, and fail together below.
+        dist.barrier()
+        return None, describe_write_error(err, Path(err.filename or tmp))
+    if writer.error is not None:
+        return None, writer.error
+    try:
+        return {**writer.entries, **_write_own_files(tmp, rank, run_state, data_state, config_yaml)}, None
+    except (OSError, RuntimeError) as err:
+        if (cause := os_error_behind(err)) is None:
+            raise
+        return None, describe_write_error(cause, Path(cause.filename or tmp))
+
+
+def save_checkpoint(
+    engine, ckpt_root: Path, step: int, run_state: dict, data_state: Any, config_yaml: str,
+    retention: RetentionPolicy,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder; raises CheckpointWriteError on every
+    rank when any rank could not write (the partial save is removed, older checkpoints are untouched)."""
+    rank = dist.get_rank()
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / (step_dir_name(step) + ".tmp")
+    problem = None
+    if rank == 0:
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        except OSError as err:
+            problem = describe_write_error(err, tmp)
+    failed = [problem]
+    dist.broadcast_object_list(failed, src=0)
+    entries = None
+    if failed[0] is None:
+        entries, problem = _write_shards(engine, tmp, rank, run_state, data_state, config_yaml)
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object((entries, problem), parts, dst=0)  # every rank's entries, or its reason for failing
+    outcome = [None]
+    if rank == 0:
+        outcome = [_commit(tmp, final, ckpt_root, parts, retention, step)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointWriteError(outcome[0])
+    return final
+
+
+def _commit(tmp: Path, final: Path, ckpt_root: Path, parts: list, retention: RetentionPolicy, step: int) -> str | None:
+    """Rank 0: write the manifest and rename the folder into place, or remove it; None, or why the save failed."""
+    errors = [f"rank {r}: {problem}" for r, (_, problem) in enumerate(parts) if problem]
+    if not errors:
+        try:
+            write_manifest(tmp, {rel: e for entries, _ in parts for rel, e in entries.items()})
+            if final.exists():  # an earlier, possibly torn, save of the same step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(ckpt_root)
+            atomic_write_bytes(ckpt_root / "latest", (final.name + "\n").encode())
+        except OSError as err:
+            errors.append(f"rank 0: {describe_write_error(err, Path(err.filename or tmp))}")
+    if errors:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for p in sorted(ckpt_root.glob("step-*")) if not p.name.endswith(".tmp")]
+        return (f"could not save the checkpoint of step {step}: {errors[0]}"
+                f"{f' (and {len(errors) - 1} more ranks)' if len(errors) > 1 else ''}; the partial save was "
+                f"removed; the newest checkpoint on disk is {kept[-1] if kept else 'none'}")
+    apply_retention(ckpt_root, retention)
+    return None
