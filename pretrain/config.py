@@ -67,6 +67,14 @@ class ParallelConfig(ConfigNode):
 
 class CheckpointConfig(ConfigNode):
     interval: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end/preemption.")
+    interval_minutes: float | None = Field(
+        None, gt=0, description="Also save when this many minutes passed since the last save (agreed by all ranks "
+        "at a step boundary): bounds the work a crash loses when step times vary."
+    )
+    async_save: bool = Field(
+        False, description="Write the shards in a background thread: a step waits only for the snapshot of the "
+        "state to host memory; the checkpoint is committed once every rank's writes succeeded."
+    )
     keep_last: int = Field(2, gt=0, description="Keep the newest K checkpoints...")
     keep_every: int | None = Field(None, gt=0, description="...plus every checkpoint whose step is a multiple of M.")
     save_at_end: bool = True

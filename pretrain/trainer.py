@@ -121,6 +121,9 @@ class Trainer:
             padded_vocab_size=padded_vocab_size(self.tokenizer.vocab_size, self.tp),
         )
         ckpt_dir, saved, universal = self._resume(resume)
+        self.checkpointer = ckpt_io.Checkpointer(self.engine, self.ckpt_root,
+                                                 ckpt_io.RetentionPolicy.from_config(cfg.checkpoint),
+                                                 background=cfg.checkpoint.async_save)
         self.state, data_state = TrainState(), None
         if ckpt_dir:
             self.state = TrainState.from_run_state(saved)
@@ -132,7 +135,7 @@ class Trainer:
         self._build_data(data_state)
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.rank == 0,
                                      start_step=self.state.step)
-        self.saved_at = self.state.step
+        self.saved_at, self._saved_time = self.state.step, time.monotonic()
         self._interval_start, self._interval_wait, self._interval_steps = time.perf_counter(), 0.0, 0
         self._describe()
 
@@ -287,10 +290,12 @@ class Trainer:
             if not self.maybe_evaluate():
                 return self._requeue()
             self.maybe_checkpoint()
+            self.checkpointer.poll()
             if state.step == cfg.train.steps:
                 break
             if self.stop.agreed():
                 return self._requeue()
+        self.checkpointer.finish()
         return TrainResult(EXIT_OK, state.step, "finished")
 
     def train_step(self) -> None:
@@ -386,10 +391,14 @@ class Trainer:
         return True
 
     def maybe_checkpoint(self) -> None:
-        """Save at every `checkpoint.interval`-th step and at the end; never inside a non-finite streak."""
+        """Save at every `checkpoint.interval`-th step, every `interval_minutes` and at the end; never inside a
+        non-finite streak."""
         cfg, state = self.cfg, self.state
         at_end = state.step == cfg.train.steps
         due = bool(cfg.checkpoint.interval) and state.step % cfg.checkpoint.interval == 0
+        if cfg.checkpoint.interval_minutes and not due:
+            overdue = time.monotonic() - self._saved_time >= 60 * cfg.checkpoint.interval_minutes
+            due = all_reduce_flag(overdue)  # the ranks' clocks differ: one rank's deadline decides for all
         if (at_end and cfg.checkpoint.save_at_end) or (due and not state.nonfinite_in_a_row):
             self.save()
         elif due:  # inside a non-finite streak: keep the last clean checkpoint as the newest
@@ -402,17 +411,18 @@ class Trainer:
         states = [None] * self.world
         dist.all_gather_object(states, (self.tp_rank, self.loader.state_dict()))
         data_global = merge_data_states([s for t, s in states if t == 0])
-        path = ckpt_io.save_checkpoint(
-            self.engine, self.ckpt_root, self.state.step, run_state_dict(self.state, self.layout), data_global,
-            dump_config(self.cfg), ckpt_io.RetentionPolicy.from_config(self.cfg.checkpoint),
-        )
-        self.saved_at = self.state.step
-        log.info("saved checkpoint %s", path)
+        self.checkpointer.save(self.state.step, run_state_dict(self.state, self.layout), data_global,
+                               dump_config(self.cfg))
+        self.saved_at, self._saved_time = self.state.step, time.monotonic()
+        self.faults.maybe_kill_during_save(self.state.step, self.rank)
+        log.info("%s checkpoint of step %d", "started the" if self.cfg.checkpoint.async_save else "saved the",
+                 self.state.step)
 
     def _requeue(self) -> TrainResult:
         """Save (unless this step is saved already) and return the requeue result."""
         if self.saved_at != self.state.step or self.state.validation_due:
             self.save()
+        self.checkpointer.finish()
         result = TrainResult(EXIT_REQUEUE, self.state.step, self.stop.local_reason() or "stop requested by a peer")
         log.info("stopping at step %d to be requeued: %s", self.state.step, result.reason)
         return result

@@ -46,7 +46,7 @@ from .retention import (
     set_aside_later_checkpoints,
     step_dir_name,
 )
-from .save import DS_TAG, rng_state, save_checkpoint, set_rng_state, universal_checkpoint_info
+from .save import DS_TAG, Checkpointer, rng_state, save_checkpoint, set_rng_state, universal_checkpoint_info
 
 __all__ = [
     "DS_TAG",
@@ -54,6 +54,7 @@ __all__ = [
     "MANIFEST",
     "CheckpointError",
     "CheckpointWriteError",
+    "Checkpointer",
     "RetentionPolicy",
     "apply_retention",
     "atomic_torch_save",

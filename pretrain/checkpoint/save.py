@@ -3,10 +3,12 @@ manifest entries, writes the manifest and renames the folder into place."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..distributed import all_reduce_flag
 from . import engine_io
 from .files import (
     CheckpointWriteError,
@@ -27,6 +30,7 @@ from .manifest import record_file, write_manifest
 from .retention import RetentionPolicy, apply_retention, step_dir_name
 
 DS_TAG = "ds"
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -98,11 +102,11 @@ def _write_own_files(tmp: Path, rank: int, run_state: dict, data_state: Any, con
     return dict(record_file(path, tmp, rank) for path in written)
 
 
-def _write_shards(engine, tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str):
-    """This rank's part of a save: (manifest entries, None) or (None, why it failed)."""
+def _start_shards(writer, engine, tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str):
+    """This rank's part of a save, started: DeepSpeed's shards through `writer` (written now, or snapshotted for
+    the background writer), then our own files. Returns (entries of our files, None) or (None, why it failed)."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    writer = engine_io.install(engine)
     writer.begin(tmp, rank)
     info = universal_checkpoint_info([n for n, _ in engine.module.named_parameters()], run_state["vocab_size"])
     try:
@@ -110,50 +114,100 @@ def _write_shards(engine, tmp: Path, rank: int, run_state: dict, data_state: Any
                                save_latest=False)
     except OSError as err:
         # DeepSpeed's own small writes (its recovery scripts) failed on this rank after its opening barrier: meet
-        # the other ranks at its closing one, so that the collectives stay paired, and fail together below.
+        # the other ranks at its closing one, so that the collectives stay paired, and fail together later.
         dist.barrier()
         return None, describe_write_error(err, Path(err.filename or tmp))
-    if writer.error is not None:
-        return None, writer.error
     try:
-        return {**writer.entries, **_write_own_files(tmp, rank, run_state, data_state, config_yaml)}, None
+        return _write_own_files(tmp, rank, run_state, data_state, config_yaml), None
     except (OSError, RuntimeError) as err:
         if (cause := os_error_behind(err)) is None:
             raise
         return None, describe_write_error(cause, Path(cause.filename or tmp))
 
 
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    own: dict | None  # entries of the files written in the foreground
+    problem: str | None
+
+
+class Checkpointer:
+    """Saves the trainer's checkpoints, synchronously or with the shard writes in the background.
+
+    Synchronous: `save` returns once the checkpoint is in place. Background (`checkpoint.async_save`): `save`
+    returns once the state is snapshotted; the checkpoint becomes `step-N/` and `latest` only when every rank's
+    writes succeeded, which `poll` (collective, once per step) agrees on; a failed background save is reported
+    and training goes on from the last good checkpoint. A save waits for the previous one to finish first.
+    """
+
+    def __init__(self, engine, ckpt_root: Path, retention: RetentionPolicy, background: bool = False):
+        self.engine, self.ckpt_root, self.retention = engine, ckpt_root, retention
+        self.writer = engine_io.install(engine, background=background)
+        self.pending: _Pending | None = None
+
+    def save(self, step: int, run_state: dict, data_state: Any, config_yaml: str) -> None:
+        """Collective. Synchronous: raises CheckpointWriteError on every rank when any rank could not write."""
+        self.finish(raise_on_failure=False)
+        rank = dist.get_rank()
+        tmp = self.ckpt_root / (step_dir_name(step) + ".tmp")
+        problem = None
+        if rank == 0:
+            try:
+                self.ckpt_root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "rng").mkdir(parents=True)
+            except OSError as err:
+                problem = describe_write_error(err, tmp)
+        failed = [problem]
+        dist.broadcast_object_list(failed, src=0)
+        own, problem = None, failed[0]
+        if problem is None:
+            own, problem = _start_shards(self.writer, self.engine, tmp, rank, run_state, data_state, config_yaml)
+        self.pending = _Pending(step, tmp, own, problem)
+        if not self.writer.background:
+            self.finish(raise_on_failure=True)
+
+    def poll(self) -> int | None:
+        """Collective and cheap: commit the background save once every rank's writes are done; the step it
+        committed, or None."""
+        if self.pending is None or all_reduce_flag(not self.writer.idle()):
+            return None
+        return self.finish(raise_on_failure=False)
+
+    def finish(self, raise_on_failure: bool = True) -> int | None:
+        """Collective: wait for the pending save and commit it (rank 0: manifest, rename, `latest`, retention).
+        Returns the committed step; on failure raises CheckpointWriteError, or (not `raise_on_failure`) logs it."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        self.writer.wait()
+        problem = pending.problem or self.writer.error
+        entries = None if problem else {**self.writer.entries, **pending.own}
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((entries, problem), parts, dst=0)  # every rank's entries, or its reason for failing
+        outcome = [None]
+        if dist.get_rank() == 0:
+            final = self.ckpt_root / step_dir_name(pending.step)
+            outcome = [_commit(pending.tmp, final, self.ckpt_root, parts, self.retention, pending.step)]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is None:
+            return pending.step
+        if raise_on_failure:
+            raise CheckpointWriteError(outcome[0])
+        log.error("%s; training goes on", outcome[0])
+        return None
+
+
 def save_checkpoint(
     engine, ckpt_root: Path, step: int, run_state: dict, data_state: Any, config_yaml: str,
     retention: RetentionPolicy,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder; raises CheckpointWriteError on every
+    """Collective, synchronous: a checkpoint of `step`; returns its folder. Raises CheckpointWriteError on every
     rank when any rank could not write (the partial save is removed, older checkpoints are untouched)."""
-    rank = dist.get_rank()
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / (step_dir_name(step) + ".tmp")
-    problem = None
-    if rank == 0:
-        try:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        except OSError as err:
-            problem = describe_write_error(err, tmp)
-    failed = [problem]
-    dist.broadcast_object_list(failed, src=0)
-    entries = None
-    if failed[0] is None:
-        entries, problem = _write_shards(engine, tmp, rank, run_state, data_state, config_yaml)
-    parts = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object((entries, problem), parts, dst=0)  # every rank's entries, or its reason for failing
-    outcome = [None]
-    if rank == 0:
-        outcome = [_commit(tmp, final, ckpt_root, parts, retention, step)]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise CheckpointWriteError(outcome[0])
-    return final
+    Checkpointer(engine, ckpt_root, retention).save(step, run_state, data_state, config_yaml)
+    return ckpt_root / step_dir_name(step)
 
 
 def _commit(tmp: Path, final: Path, ckpt_root: Path, parts: list, retention: RetentionPolicy, step: int) -> str | None:
