@@ -8,17 +8,8 @@ import pytest
 import zstandard
 
 from hgrn_megatron.corpus.counters import DataCounters
-from hgrn_megatron.corpus.shards import (
-    BadRecord,
-    DataError,
-    Document,
-    RecordParser,
-    SkipWarner,
-    StreamFault,
-    iter_documents,
-    iter_lines,
-    resolve_shards,
-)
+from hgrn_megatron.corpus.records import BadRecord, Document, RecordFormat, RecordParser, SkipWarner, iter_documents
+from hgrn_megatron.corpus.shards import DataError, StreamFault, iter_lines, resolve_shards
 from tests.data.data_harness import WORDS, record, write_zst
 
 
@@ -45,7 +36,7 @@ def test_parser_classifies_every_kind_of_bad_record():
         else:
             assert isinstance(got, BadRecord) and got.kind == want, (line, got)
     assert parse(b'{"text": "", "meta": {"pile_set_name": "Src"}}').source == "Src"
-    nested = RecordParser(text_field="body.content", source_field="origin")
+    nested = RecordParser(RecordFormat(text_field="body.content", source_field="origin"))
     assert nested(b'{"body": {"content": "x"}, "origin": "Wiki"}') == Document("x", "Wiki")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hgrn_megatron.corpus.shards import RecordParser, iter_documents
+from hgrn_megatron.corpus.records import RecordParser, iter_documents
 from hgrn_megatron.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, padded_vocab_size, vocab_padding
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
