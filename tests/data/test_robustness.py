@@ -10,7 +10,7 @@ import zstandard
 
 from hgrn_megatron.corpus.counters import DataCounters
 from hgrn_megatron.corpus.shards import iter_lines, resolve_shards, shard_display_names
-from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader
+from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader, build_validation_batches
 from hgrn_megatron.pretrain.data.mixture import Mixture
 from tests.data.data_harness import data_config, make_text, record, run_ranks, write_zst
 
@@ -131,3 +131,29 @@ def test_every_good_document_arrives_and_nothing_else(broken_corpus, tokenizer):
         seen[tokenizer.decode(stream[: eos[0]].tolist())] += 1
     assert set(seen) == set(good_texts), "only good documents arrive"
     assert all(seen[t] >= 1 for t in good_texts), "every good document arrives"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_oversized_document_is_skipped_and_counted_and_the_others_arrive(tmp_path, tokenizer, workers):
+    """One record over data.max_document_bytes among good ones: counted as its own kind (unparsed, so its source
+    is unknown), in training and validation alike; every other document arrives, in order."""
+    rng = random.Random(9)
+    texts = [make_text(rng, 20, 40, f"d{i}") for i in range(12)]
+    huge = record("word " * 400_000)  # 2 MB
+    lines = [record(t) for t in texts]
+    lines.insert(5, huge)
+    shard = str(write_zst(tmp_path / "a.jsonl.zst", lines))
+    cfg = data_config(shard, lanes=1, num_workers=workers, max_document_bytes=1 << 20, valid_shards=[shard])
+    want = np.concatenate([np.array(tokenizer.encode(t) + [tokenizer.eos_id]) for t in texts])
+    steps = (len(want) - 1) // S
+    loader = TrainLoader(cfg, tokenizer, S, 1, 0, 1)
+    try:
+        got = [next(loader)["tokens"][0].numpy() for _ in range(steps)]
+        stats = loader.stats()
+    finally:
+        loader.close()
+    assert np.array_equal(np.concatenate([got[0], *[g[1:] for g in got[1:]]]), want[: steps * S + 1])
+    assert stats["skipped_by_kind"] == {"oversized_document": 1}
+    assert stats["skipped_by_source"] == {"unknown": {"oversized_document": 1}}
+    assert stats["documents"] == len(texts)
+    assert build_validation_batches(cfg, tokenizer, S, 1)["skipped"] == {"oversized_document": 1}

@@ -55,6 +55,14 @@ def test_encode_batch_matches_encode(shipped_tokenizer):
     assert shipped_tokenizer.encode_batch(texts, num_threads=2) == [shipped_tokenizer.encode(t) for t in texts]
 
 
+def test_a_document_is_its_ids_then_eos(shipped_tokenizer):
+    tok = shipped_tokenizer
+    texts = TRICKY * 2
+    want = [tok.encode(t) + [tok.eos_id] for t in texts]
+    assert [tok.encode_document(t) for t in texts] == want
+    assert tok.encode_documents(texts, num_threads=2) == want
+
+
 def test_special_ids_and_digit_splitting(shipped_tokenizer):
     tok = shipped_tokenizer
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3) == tuple(SPECIAL_IDS.values())
