@@ -28,14 +28,13 @@ SKIP_KINDS = RECORD_KINDS + STREAM_KINDS
 
 @dataclass(frozen=True)
 class RecordFormat:
-    """How one JSON line becomes a document.
+    """How one JSON line becomes a document; built once from the run config and carried whole.
 
     `text_field` and `source_field` are dotted paths into the JSON object. `max_document_bytes` caps a record's
-    line (the JSON as stored, escapes included): a longer one is skipped as `oversized_document` without being
-    held whole, parsed or tokenized. A worker decodes, parses and tokenizes a document in one piece, at about
-    50 bytes of memory and 0.5 s of CPU per KB... of its text (docs/DATA.md has the measurements), so without a cap
-    one very long record stalls its lanes and can exhaust a node's memory; 8 MiB keeps book-length documents
-    (the Pile's Books3 and PG-19 average about 0.5 MB) and costs a worker at most a few hundred MB.
+    line (the JSON as stored, escapes included): a longer one is skipped as `oversized_document`, never held
+    whole, parsed or tokenized. A worker tokenizes a document in one piece, at a cost that grows with it
+    (measured: a 50 MB document took a process to 2.3 GB peak RSS); 8 MiB keeps book-length documents (the
+    Pile's books average about 0.5 MB) and bounds what one record can cost (docs/DATA.md has the figures).
     """
 
     text_field: str = "text"
