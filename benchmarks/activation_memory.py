@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hgrn_megatron.pretrain.data import model_inputs
 from hgrn_megatron.testing.memory import saved_tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,8 @@ def saved_activation_bytes(model_fields: dict, num_layers: int, seq: int, vocab:
         cfg = ModelConfig(**{**model_fields, "num_layers": num_layers, "seq_length": seq})
         model = build_model(cfg, vocab, params_dtype=torch.bfloat16)
         torch.manual_seed(0)
-        tokens = torch.randint(0, vocab, (1, seq + 1))
-        _, nbytes = saved_tensor_bytes(lambda: model(tokens[:, :-1], labels=tokens[:, 1:]), model.parameters())
+        x = model_inputs(torch.randint(0, vocab, (1, seq + 1)))
+        _, nbytes = saved_tensor_bytes(lambda: model(x.input_ids, labels=x.labels), model.parameters())
         return nbytes
     finally:
         parallel_state.destroy_model_parallel()
@@ -71,13 +72,13 @@ def cuda_peak_bytes(model_fields: dict, micro_batch: int, seq: int, vocab: int) 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     try:
         model = build_model(ModelConfig(**model_fields), vocab, params_dtype=torch.bfloat16).cuda()
-        tokens = torch.randint(0, vocab, (micro_batch, seq + 1), device="cuda")
+        x = model_inputs(torch.randint(0, vocab, (micro_batch, seq + 1), device="cuda"))
         for _ in range(2):  # the first pass compiles the Triton kernels
             model.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             weights = torch.cuda.memory_allocated()
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+            loss = model(x.input_ids, labels=x.labels).mean()
             saved = torch.cuda.memory_allocated() - weights
             loss.backward()
             torch.cuda.synchronize()
@@ -85,7 +86,7 @@ def cuda_peak_bytes(model_fields: dict, micro_batch: int, seq: int, vocab: int) 
         start = time.perf_counter()
         for _ in range(3):
             model.zero_grad(set_to_none=True)
-            model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+            model(x.input_ids, labels=x.labels).mean().backward()
         torch.cuda.synchronize()
         return saved, peak, (time.perf_counter() - start) / 3
     finally:

@@ -70,7 +70,10 @@ def synthetic_tokens(vocab_size: int, micro_batch_size: int, seq_length: int, de
 
 def train_step(engine, tokens) -> float:
     """One optimizer step on one micro-batch, as the trainer takes it; returns the loss (this syncs the device)."""
-    loss = engine(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
+    from hgrn_megatron.pretrain.data import model_inputs
+
+    x = model_inputs(tokens)
+    loss = engine(x.input_ids, labels=x.labels).float().mean()
     engine.backward(loss)
     engine.step()
     return loss.item()

@@ -26,7 +26,7 @@ def raw_encode_rate(tokenizer, texts: list[str]) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for text in texts:
-        n += len(tokenizer.encode(text)) + 1  # + EOS, as the pipeline packs it
+        n += len(tokenizer.encode_document(text))  # EOS included, as the pipeline packs it
     return {"tokens_per_s": n / (time.perf_counter() - t0), "tokens_per_cpu_s": n / (time.process_time() - c0)}
 
 
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
 
-    from hgrn_megatron.corpus.shards import RecordParser, iter_documents, resolve_shards
+    from hgrn_megatron.corpus.records import RecordParser, iter_documents
+    from hgrn_megatron.corpus.shards import resolve_shards
     from hgrn_megatron.pretrain.data import DataConfig
     from hgrn_megatron.tokenizer import Tokenizer
 

@@ -24,6 +24,7 @@ import torch
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.flops import flops_per_token
 from hgrn_megatron.model import build_model, single_process_model_parallel
+from hgrn_megatron.pretrain.data import model_inputs
 from hgrn_megatron.runtime_env import configure_environment, patch_for_cpu
 
 MIXERS = ("attention", "hgrn")  # the first is the baseline of every ratio
@@ -32,7 +33,8 @@ MIXERS = ("attention", "hgrn")  # the first is the baseline of every ratio
 def step_seconds(model, tokens) -> float:
     """Wall seconds of one forward + backward (per-token loss, mean) and gradient reset."""
     start = time.perf_counter()
-    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+    x = model_inputs(tokens)
+    model(x.input_ids, labels=x.labels).mean().backward()
     if tokens.is_cuda:
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)

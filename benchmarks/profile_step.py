@@ -77,6 +77,8 @@ def profile_training_step(engine, tokens, top: int = 25, cuda: bool = False) -> 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from hgrn_megatron.pretrain.data import model_inputs
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     phases = {}
@@ -85,7 +87,8 @@ def profile_training_step(engine, tokens, top: int = 25, cuda: bool = False) -> 
         sync()
         t0 = time.perf_counter()
         with record_function("forward"):
-            loss = engine(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
+            x = model_inputs(tokens)
+            loss = engine(x.input_ids, labels=x.labels).float().mean()
             sync()
         t1 = time.perf_counter()
         with record_function("backward"):

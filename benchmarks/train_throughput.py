@@ -97,9 +97,11 @@ def measure_speed(args) -> dict:
 # ---------------------------------------------------------------------------------------------- memory
 def saved_activation_bytes(engine, tokens) -> int:
     """Bytes autograd keeps for the backward pass of one forward pass (distinct storages, weights excluded)."""
-    loss, nbytes = saved_tensor_bytes(
-        lambda: engine(tokens[:, :-1], labels=tokens[:, 1:]).float().mean(), engine.module.parameters()
-    )
+    from hgrn_megatron.pretrain.data import model_inputs
+
+    x = model_inputs(tokens)
+    loss, nbytes = saved_tensor_bytes(lambda: engine(x.input_ids, labels=x.labels).float().mean(),
+                                      engine.module.parameters())
     engine.backward(loss)  # completes the step, so the engine's state stays as the trainer leaves it
     engine.step()
     return nbytes

@@ -15,7 +15,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"
-SHARED_PILE = REPO.parent / "shared" / "data" / "pile-sample"
 
 
 def pytest_configure(config):

@@ -130,6 +130,19 @@ class Tokenizer:
         """Encode many texts with SentencePiece's own thread pool (`num_threads` default: all CPUs)."""
         return self._sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
+    def encode_document(self, text: str) -> list[int]:
+        """A document as training and validation samples hold it: its ids, then EOS (which ends every document)."""
+        ids = self._sp.encode(text)
+        ids.append(self.eos_id)
+        return ids
+
+    def encode_documents(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """`encode_document` of many texts, on SentencePiece's thread pool (see `encode_batch`)."""
+        batch = self.encode_batch(texts, num_threads)
+        for ids in batch:
+            ids.append(self.eos_id)
+        return batch
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 

@@ -23,13 +23,8 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from hgrn_megatron.corpus.counters import DataCounters
-from hgrn_megatron.corpus.shards import (
-    RecordParser,
-    SkipWarner,
-    iter_documents,
-    resolve_shards,
-    shard_display_names,
-)
+from hgrn_megatron.corpus.records import RecordFormat, RecordParser, SkipWarner, iter_documents
+from hgrn_megatron.corpus.shards import resolve_shards, shard_display_names
 
 from .config import TokenizerTrainConfig
 from .model import (
@@ -54,7 +49,7 @@ def sample_documents(
     progress: bool = True,
 ) -> Iterator[tuple[str, str]]:
     """Yield (text, source) round-robin over shards until `sample_documents` / `sample_chars` is reached."""
-    parser = RecordParser(cfg.text_field)
+    parser = RecordParser(RecordFormat(text_field=cfg.text_field))
     warner = SkipWarner()
     streams = [
         iter_documents(p, parser, shard_name=n, counters=counters, warner=warner) for p, n in zip(paths, names)

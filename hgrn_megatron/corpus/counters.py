@@ -39,9 +39,6 @@ class DataCounters:
     def __bool__(self) -> bool:
         return bool(self.counts)
 
-    def copy(self) -> DataCounters:
-        return DataCounters(Counter(self.counts))
-
     # ------------------------------------------------------------ serialisation (JSON/torch.load-safe types)
     def to_state(self) -> list[list]:
         return [[*key, n] for key, n in sorted(self.counts.items()) if n]
@@ -92,17 +89,3 @@ class DataCounters:
             "dropped_by_source": dict(sorted(dropped_by_source.items())),
         }
 
-
-def flatten_stats(stats: dict, prefix: str = "data/") -> dict[str, float | int]:
-    """`{"skipped_by_kind": {"invalid_json": 2}}` -> `{"data/skipped_by_kind/invalid_json": 2}` for metrics files."""
-    flat: dict[str, float | int] = {}
-
-    def walk(node, path):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{path}{key}/")
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            flat[path[:-1]] = node
-
-    walk(stats, prefix)
-    return flat

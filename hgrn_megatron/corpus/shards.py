@@ -1,16 +1,15 @@
-"""Reading Pile-format shards: zstd-compressed (or plain) JSON Lines, one document per line.
+"""Finding and streaming Pile-format shards: zstd-compressed (or plain) JSON Lines, one document per line.
 
     {"text": "...", "meta": {"pile_set_name": "Books3"}}
 
-Shards are streamed chunk by chunk (never a whole shard in memory). Bad input never stops a reader and is never
-silent: every line becomes either a `Document` or a `BadRecord` with a kind from `SKIP_KINDS`, and a stream that
-ends abnormally (corrupt or truncated zstd, an I/O error) ends the shard with one `StreamFault`. Callers count
-these (see `counters.py`) and warn through `SkipWarner`, which names the shard and line and is rate-limited.
+Shards are streamed chunk by chunk (never a whole shard in memory, nor a line longer than the caller's limit).
+A stream that ends abnormally (corrupt or truncated zstd, an I/O error) ends the shard with one `StreamFault`;
+what a line means is `records.py`'s business.
 """
 from __future__ import annotations
 
+import errno
 import glob
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -25,12 +24,9 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl")
 ZSTD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd")
-UNKNOWN_SOURCE = "unknown"
 
-# Why a record (or the rest of a shard) was skipped. Record kinds first, then stream kinds.
-RECORD_KINDS = ("invalid_utf8", "invalid_json", "missing_text", "non_string_text", "empty_text")
+# Why the rest of a shard was skipped.
 STREAM_KINDS = ("corrupt_stream", "truncated_stream", "unreadable_shard")
-SKIP_KINDS = RECORD_KINDS + STREAM_KINDS
 
 READ_CHUNK_BYTES = 1 << 20
 
@@ -41,19 +37,6 @@ class DataError(ConfigError):
 
 
 @dataclass(frozen=True, slots=True)
-class Document:
-    text: str
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class BadRecord:
-    kind: str
-    source: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
 class StreamFault:
     """The shard's stream ended abnormally after the lines already yielded; the rest of the shard is lost."""
 
@@ -61,12 +44,20 @@ class StreamFault:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class OversizedLine:
+    """A line longer than the reader's limit, in place of its bytes (which were dropped as they arrived)."""
+
+    size: int
+
+
 # ---------------------------------------------------------------- finding shards
 def resolve_shards(patterns: Sequence[str], *, field: str) -> list[Path]:
     """Expand globs, directories and plain paths into a sorted, de-duplicated shard list.
 
     Raises DataError naming `field` and the pattern for a path that does not exist, a glob that matches nothing,
-    a directory without shards, or a file that is not `*.jsonl[.zst]`. Run before training starts.
+    a directory without shards, a file that is not `*.jsonl[.zst]`, or a symlink that leads nowhere (dangling,
+    or a loop) among the matches. Run before training starts.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [str(patterns)]
@@ -74,17 +65,11 @@ def resolve_shards(patterns: Sequence[str], *, field: str) -> list[Path]:
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         if glob.has_magic(pattern):
-            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
-            if not matches:
-                raise DataError(f"{field}: glob '{pattern}' matches no files")
-            bad = [m for m in matches if not is_shard_name(m)]
-            if bad:
-                raise DataError(
-                    f"{field}: glob '{pattern}' matches {bad[0]}, which is not a shard ({' or '.join(SHARD_SUFFIXES)})"
-                )
-            found.extend(matches)
+            found.extend(_glob_shards(pattern, field))
         elif os.path.isdir(pattern):
-            matches = sorted(p for p in Path(pattern).iterdir() if p.is_file() and is_shard_name(p))
+            entries = sorted(p for p in Path(pattern).iterdir() if is_shard_name(p))
+            _refuse_broken_links(entries, field, f"directory '{pattern}'")
+            matches = [p for p in entries if p.is_file()]
             if not matches:
                 raise DataError(f"{field}: directory '{pattern}' contains no {' or '.join(SHARD_SUFFIXES)} files")
             found.extend(matches)
@@ -93,11 +78,48 @@ def resolve_shards(patterns: Sequence[str], *, field: str) -> list[Path]:
                 raise DataError(f"{field}: '{pattern}' is not a shard (expected {' or '.join(SHARD_SUFFIXES)})")
             found.append(Path(pattern))
         else:
+            _refuse_broken_links([Path(pattern)], field, "path")
             raise DataError(f"{field}: '{pattern}' does not exist")
     if not patterns:
         raise DataError(f"{field}: no shard paths given")
     unique = {p.resolve(): None for p in found}
     return sorted(unique)
+
+
+def _glob_shards(pattern: str, field: str) -> list[Path]:
+    matched = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+    _refuse_broken_links(matched, field, f"glob '{pattern}'")
+    matches = [p for p in matched if p.is_file()]  # directories a glob also matches are not shards
+    if not matches:
+        raise DataError(f"{field}: glob '{pattern}' matches no files")
+    bad = [m for m in matches if not is_shard_name(m)]
+    if bad:
+        raise DataError(
+            f"{field}: glob '{pattern}' matches {bad[0]}, which is not a shard ({' or '.join(SHARD_SUFFIXES)})"
+        )
+    return matches
+
+
+def _refuse_broken_links(paths: Sequence[Path], field: str, where: str) -> None:
+    """A symlink that leads nowhere is most likely a shard that should be there (an unmounted or moved data
+    directory): dropping it would train on less data without a word."""
+    for path in paths:
+        problem = broken_link(path)
+        if problem:
+            raise DataError(f"{field}: {where} lists {path}, which is {problem}")
+
+
+def broken_link(path: Path) -> str | None:
+    """'a dangling symlink (-> target)' or 'a symlink loop' when `path` is a link that cannot be followed."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symlink loop"
+        return f"a dangling symlink (-> {os.readlink(path)}, {err.strerror or err})"
+    return None
 
 
 def is_shard_name(path: Path) -> bool:
@@ -115,15 +137,71 @@ def shard_display_names(paths: Sequence[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------- streaming lines
+class _LineSplitter:
+    """Cuts a byte stream into lines. A line longer than `max_bytes` comes out as an `OversizedLine`: its
+    bytes are dropped as they arrive instead of collected, so one huge record costs no more memory than a
+    read chunk (and none of the parsing and tokenizing that would follow)."""
+
+    def __init__(self, max_bytes: int | None):
+        self.max_bytes = max_bytes
+        self.pending: list[bytes] = []  # pieces of a line that spans chunks
+        self.pending_bytes = 0
+        self.oversized = False
+
+    def feed(self, data: bytes) -> list[bytes | OversizedLine]:
+        if b"\n" not in data:
+            self._hold(data)
+            return []
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        first = self._close(lines[0])
+        limit = self.max_bytes
+        if limit is not None:
+            lines = [line if len(line) <= limit else OversizedLine(len(line)) for line in lines]
+        lines[0] = first
+        self._hold(tail)
+        return lines
+
+    def finish(self) -> bytes | OversizedLine | None:
+        """The last line when the stream did not end with a newline (None if it did)."""
+        if not self.pending_bytes:
+            return None
+        return self._close(b"")
+
+    def _hold(self, piece: bytes) -> None:
+        self.pending_bytes += len(piece)
+        if self.oversized or not piece:
+            return
+        self.pending.append(piece)
+        if self.max_bytes is not None and self.pending_bytes > self.max_bytes:
+            self.pending.clear()
+            self.oversized = True
+
+    def _close(self, piece: bytes) -> bytes | OversizedLine:
+        size = self.pending_bytes + len(piece)
+        if self.oversized or (self.max_bytes is not None and size > self.max_bytes):
+            line: bytes | OversizedLine = OversizedLine(size)
+        else:
+            line = b"".join([*self.pending, piece]) if self.pending else piece
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.oversized = False
+        return line
+
+
 def iter_lines(
-    path: Path | str, chunk_bytes: int = READ_CHUNK_BYTES, on_read: Callable[[int], None] | None = None
-) -> Iterator[bytes | StreamFault]:
+    path: Path | str,
+    chunk_bytes: int = READ_CHUNK_BYTES,
+    on_read: Callable[[int], None] | None = None,
+    max_line_bytes: int | None = None,
+) -> Iterator[bytes | OversizedLine | StreamFault]:
     """Yield each line of a shard (without its newline), then a `StreamFault` if the shard ended abnormally.
 
     zstd shards are decompressed with a streaming decompression object, frame after frame. Unlike zstandard's
     `stream_reader`, which ends quietly at a truncated frame, this notices truncation (a frame started but never
     finished) and reports it; the partial line before the cut is dropped as part of the fault. A plain `.jsonl`
-    shard's last line may lack its newline. `on_read(n)` is told about every n bytes read from the file.
+    shard's last line may lack its newline. `on_read(n)` is told about every n bytes read from the file. A line
+    longer than `max_line_bytes` is yielded as an `OversizedLine` (its size), never held whole.
     """
     path = str(path)
     try:
@@ -136,7 +214,7 @@ def iter_lines(
         dctx = zstandard.ZstdDecompressor() if compressed else None
         dobj = dctx.decompressobj() if compressed else None
         frame_open = False  # a frame has been fed but has not ended
-        pending: list[bytes] = []  # pieces of a line that spans chunks
+        splitter = _LineSplitter(max_line_bytes)
         while True:
             try:
                 chunk = fh.read(chunk_bytes)
@@ -162,139 +240,16 @@ def iter_lines(
                             chunk = b""
                 except zstandard.ZstdError as err:
                     fault = StreamFault("corrupt_stream", f"zstd error: {err}")
-                data = b"".join(out)
+                data = b"".join(out) if len(out) != 1 else out[0]
             else:
                 data = chunk
-            if b"\n" in data:
-                if pending:
-                    pending.append(data)
-                    data = b"".join(pending)
-                lines = data.split(b"\n")
-                pending = [lines.pop()]
-                yield from lines
-            elif data:
-                pending.append(data)
+            yield from splitter.feed(data)
             if fault is not None:  # the complete lines before the damage were yielded; the partial one is lost
                 yield fault
                 return
         if frame_open:
             yield StreamFault("truncated_stream", "zstd stream ends inside a frame (file truncated?)")
             return
-        tail = b"".join(pending)
-        if tail:
+        tail = splitter.finish()
+        if tail is not None:
             yield tail
-
-
-# ---------------------------------------------------------------- parsing records
-def _lookup(obj, dotted: tuple[str, ...]):
-    for key in dotted:
-        if not isinstance(obj, dict) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
-
-
-class RecordParser:
-    """Turns one raw line into a `Document` or a `BadRecord`.
-
-    `text_field` and `source_field` are dotted paths into the JSON object (`text`, `meta.pile_set_name`).
-    """
-
-    def __init__(self, text_field: str = "text", source_field: str = "meta.pile_set_name"):
-        self.text_path = tuple(text_field.split("."))
-        self.source_path = tuple(source_field.split("."))
-        self.text_field = text_field
-
-    def __call__(self, line: bytes) -> Document | BadRecord:
-        try:
-            decoded = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return BadRecord("invalid_utf8", UNKNOWN_SOURCE, f"byte {err.start} is not UTF-8")
-        try:
-            obj = json.loads(decoded)
-        except ValueError as err:
-            return BadRecord("invalid_json", UNKNOWN_SOURCE, f"invalid JSON: {err}")
-        except RecursionError:  # valid JSON nested deeper than the parser's recursion limit (~1000 levels)
-            return BadRecord("invalid_json", UNKNOWN_SOURCE, "JSON nested too deeply to parse")
-        if not isinstance(obj, dict):
-            return BadRecord("invalid_json", UNKNOWN_SOURCE, f"a JSON {type(obj).__name__}, not an object")
-        source = _lookup(obj, self.source_path)
-        source = source if isinstance(source, str) and source else UNKNOWN_SOURCE
-        text = _lookup(obj, self.text_path)
-        if text is None:
-            return BadRecord("missing_text", source, f"no '{self.text_field}' field")
-        if not isinstance(text, str):
-            return BadRecord("non_string_text", source, f"'{self.text_field}' is a {type(text).__name__}")
-        if not text:
-            return BadRecord("empty_text", source, f"'{self.text_field}' is empty")
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:  # a JSON escape of a lone surrogate, e.g. "\ud800"
-                return BadRecord("invalid_utf8", source, f"character {err.start} is a lone surrogate")
-        return Document(text, source)
-
-
-# ---------------------------------------------------------------- warnings
-class SkipWarner:
-    """Rate-limited warnings about skipped records, each naming the shard and line.
-
-    The first `limit` skips of each (shard, kind) are logged one by one; after that only the 10th, 100th,
-    1000th... of that (shard, kind), with the count, so a badly broken shard cannot flood the log.
-    """
-
-    def __init__(self, limit: int = 5, logger: logging.Logger = log):
-        self.limit = limit
-        self.logger = logger
-        self.seen: dict[tuple[str, str], int] = {}
-
-    def __call__(self, shard: str, line: int, kind: str, detail: str) -> None:
-        key = (shard, kind)
-        n = self.seen.get(key, 0) + 1
-        self.seen[key] = n
-        if n <= self.limit:
-            self.logger.warning("%s line %d: skipped (%s): %s", shard, line + 1, kind, detail)
-            if n == self.limit:
-                self.logger.warning("%s: further '%s' skips are reported only at 10, 100, 1000, ...", shard, kind)
-        elif n >= 10 and _is_power_of_ten(n):
-            self.logger.warning("%s line %d: %d records skipped as '%s' so far", shard, line + 1, n, kind)
-
-
-def _is_power_of_ten(n: int) -> bool:
-    while n % 10 == 0:
-        n //= 10
-    return n == 1
-
-
-# ---------------------------------------------------------------- convenience: documents of one shard
-def iter_documents(
-    path: Path | str,
-    parser: RecordParser,
-    *,
-    shard_name: str | None = None,
-    counters=None,
-    warner: SkipWarner | None = None,
-    on_read: Callable[[int], None] | None = None,
-) -> Iterator[tuple[int, Document]]:
-    """Yield `(line_index, Document)` for the good records of one shard, counting and warning about the rest.
-
-    `counters` (a `DataCounters`) receives every skip; used by tokenizer training, `hgrn-data` and validation.
-    The training pipeline reads through `stream.RecordStream` instead, which interleaves shards by lane.
-    """
-    name = shard_name or str(path)
-    line = -1
-    for line, raw in enumerate(iter_lines(path, on_read=on_read)):
-        if isinstance(raw, StreamFault):
-            if counters is not None:
-                counters.add_skip(raw.kind, name, UNKNOWN_SOURCE)
-            if warner is not None:
-                warner(name, line, raw.kind, raw.detail)
-            return
-        rec = parser(raw)
-        if isinstance(rec, BadRecord):
-            if counters is not None:
-                counters.add_skip(rec.kind, name, rec.source)
-            if warner is not None:
-                warner(name, line, rec.kind, rec.detail)
-            continue
-        yield line, rec

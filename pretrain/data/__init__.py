@@ -2,15 +2,19 @@
 
     loader = TrainLoader(cfg.data, tokenizer, seq_length, micro_batch_size, dp_rank, dp_size, state=saved)
     batch = next(loader)            # {"tokens": Long[mb, S+1], "doc_start": Bool[mb, S+1]}
+    x = model_inputs(batch)         # x.input_ids, x.labels, x.doc_start: [mb, S] each
     state = loader.state_dict()     # rank-local; merge_data_states([all ranks' states]) -> global state
 
-Modules: `shards` (streaming zstd JSON Lines, bad-record kinds), `stream` (the endless record stream and its
-positions), `mixture` (weights, seeded shard order), `packing` (lanes, samples), `state` (format, merge),
-`loader` (background workers), `validation`, `counters`, `config` (`DataConfig`); `hgrn-data` is `__main__`.
+Modules: `stream` (the endless record stream and its positions), `mixture` (weights, seeded shard order),
+`packing` (lanes, samples), `state` (format, fingerprint, merge), `loader` (background workers), `batch` (the
+batch contract), `validation`, `config` (`DataConfig`); `hgrn-data` is `__main__`. Shards are read and counted by
+`hgrn_megatron.corpus`.
 """
-from hgrn_megatron.corpus.counters import DataCounters, flatten_stats
-from hgrn_megatron.corpus.shards import SKIP_KINDS, DataError, resolve_shards
+from hgrn_megatron.corpus.counters import DataCounters
+from hgrn_megatron.corpus.records import SKIP_KINDS, RecordFormat
+from hgrn_megatron.corpus.shards import DataError, resolve_shards
 
+from .batch import ModelInputs, label_sources, model_inputs
 from .config import DataConfig, ShardGroupConfig
 from .loader import TrainLoader
 from .state import merge_data_states
@@ -21,10 +25,13 @@ __all__ = [
     "DataConfig",
     "DataCounters",
     "DataError",
+    "ModelInputs",
+    "RecordFormat",
     "ShardGroupConfig",
     "TrainLoader",
     "build_validation_batches",
-    "flatten_stats",
+    "label_sources",
     "merge_data_states",
+    "model_inputs",
     "resolve_shards",
 ]

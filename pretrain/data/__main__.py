@@ -5,7 +5,8 @@
 
 Both read every record of every shard (with a progress bar over the compressed bytes) and report documents,
 bytes (and tokens, given a tokenizer) per source, and bad records by kind, per shard and per source, naming the
-first few bad lines. `verify` exits with status 1 if anything was skipped, 0 if the shards are clean.
+first few bad lines, and every shard that holds no usable document (an empty file included). `verify` exits with
+status 1 if anything was skipped or a shard holds no document, 0 if the shards are clean.
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hgrn_megatron.corpus.records import DEFAULT_FORMAT, BadRecord, RecordFormat, RecordParser, as_record
 from hgrn_megatron.corpus.shards import (
-    UNKNOWN_SOURCE,
-    BadRecord,
     DataError,
-    RecordParser,
+    OversizedLine,
     StreamFault,
     iter_lines,
     resolve_shards,
@@ -45,21 +45,20 @@ def scan_shards(
     pending: list = []
 
     def flush():
-        for ids, source in zip(tokenizer.encode_batch([d.text for d in pending]), (d.source for d in pending)):
-            sources[source]["tokens"] += len(ids) + 1  # + EOS, as packed for training
+        for ids, source in zip(tokenizer.encode_documents([d.text for d in pending]), (d.source for d in pending)):
+            sources[source]["tokens"] += len(ids)  # EOS included, as packed for training
         pending.clear()
 
     total = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading shards", disable=not progress) as bar:
         for path, name in zip(paths, names):
             counts = shards[name] = Counter()
-            for line, raw in enumerate(iter_lines(path, on_read=bar.update)):
-                if isinstance(raw, StreamFault):
-                    rec = BadRecord(raw.kind, UNKNOWN_SOURCE, raw.detail)
-                else:
+            lines = iter_lines(path, on_read=bar.update, max_line_bytes=parser.format.max_document_bytes)
+            for line, raw in enumerate(lines):
+                if not isinstance(raw, StreamFault):
                     counts["records"] += 1
-                    counts["bytes"] += len(raw) + 1
-                    rec = parser(raw)
+                    counts["bytes"] += (raw.size if isinstance(raw, OversizedLine) else len(raw)) + 1
+                rec = as_record(raw, parser)
                 if isinstance(rec, BadRecord):
                     counts[rec.kind] += 1
                     kinds[rec.kind] += 1
@@ -79,12 +78,38 @@ def scan_shards(
         flush()
     return {
         "shards": {n: dict(c) for n, c in shards.items()},
+        "problems": shard_problems(paths, names, shards),
         "sources": {s: dict(c) for s, c in sorted(sources.items())},
         "skipped_by_kind": dict(sorted(kinds.items())),
         "skipped_total": sum(kinds.values()),
         "documents": sum(c["documents"] for c in shards.values()),
         "examples": dict(examples),
     }
+
+
+def shard_problems(paths: list[Path], names: list[str], shards: dict[str, Counter]) -> dict[str, str]:
+    """{shard: what is wrong} for each shard that gives training nothing: a 0-byte file is as likely a failed
+    copy as a deliberate one, and a shard of bad records only is worth a look even though each is counted."""
+    problems = {}
+    for path, name in zip(paths, names):
+        c = shards[name]
+        if c["documents"]:
+            continue
+        skipped = {k: v for k, v in c.items() if k not in ("records", "documents", "bytes")}
+        if _size(path) == 0:
+            problems[name] = "empty file (0 bytes)"
+        elif not c["records"] and not skipped:
+            problems[name] = "no records"
+        else:
+            problems[name] = f"no usable document ({c['records']} records; skipped {skipped})"
+    return problems
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 def print_report(report: dict, with_tokens: bool) -> None:
@@ -105,6 +130,8 @@ def print_report(report: dict, with_tokens: bool) -> None:
     for kind, lines in report["examples"].items():
         for text in lines:
             print(f"  {kind}: {text}")
+    for name, problem in report["problems"].items():
+        print(f"  no documents: {name}: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["inspect", "verify"])
     ap.add_argument("shards", nargs="+", help="globs, directories or files of *.jsonl[.zst]")
     ap.add_argument("--tokenizer", help="tokenizer (.model or directory) to count tokens per source")
-    ap.add_argument("--text-field", default="text")
-    ap.add_argument("--source-field", default="meta.pile_set_name")
+    ap.add_argument("--text-field", default=DEFAULT_FORMAT.text_field)
+    ap.add_argument("--source-field", default=DEFAULT_FORMAT.source_field)
+    ap.add_argument("--max-document-bytes", type=int, default=DEFAULT_FORMAT.max_document_bytes,
+                    help="longer records count as 'oversized_document' (as data.max_document_bytes in training)")
     ap.add_argument("--json", help="also write the report as JSON to this file ('-' = stdout only JSON)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
+        record_format = RecordFormat(args.text_field, args.source_field, args.max_document_bytes)
         paths = resolve_shards(args.shards, field="shards")
         tokenizer = None
         if args.tokenizer:
@@ -128,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as err:
         print(f"hgrn-data: error: {err}", file=sys.stderr)
         return 2
-    report = scan_shards(paths, shard_display_names(paths), RecordParser(args.text_field, args.source_field),
-                         tokenizer, progress=not args.quiet)
+    report = scan_shards(paths, shard_display_names(paths), RecordParser(record_format), tokenizer,
+                         progress=not args.quiet)
     if args.json == "-":
         print(json.dumps(report, indent=1))
     else:
@@ -137,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
     if args.command == "verify":
-        ok = report["skipped_total"] == 0
+        problems = report["problems"]
+        for name, problem in problems.items():
+            print(f"hgrn-data: {name}: {problem}", file=sys.stderr)
+        ok = report["skipped_total"] == 0 and not problems
         print(f"verify: {'OK' if ok else 'FAILED'}: {len(paths)} shards, {report['documents']:,} documents, "
-              f"{report['skipped_total']:,} bad records", file=sys.stderr)
+              f"{report['skipped_total']:,} bad records" + (f", {len(problems)} shards without documents"
+                                                           if problems else ""), file=sys.stderr)
         return 0 if ok else 1
     return 0
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from hgrn_megatron.config_base import ConfigNode
+from hgrn_megatron.corpus.records import DEFAULT_FORMAT, RecordFormat
 from hgrn_megatron.corpus.shards import DataError, resolve_shards, shard_display_names
 
 
@@ -24,8 +25,18 @@ class DataConfig(ConfigNode):
         {}, description="Further training shards as named groups with a weight each: {name: {shards, weight}}."
     )
     valid_shards: list[str] = Field([], description="Validation shards (separate from training); [] = none.")
-    text_field: str = Field("text", description="Dotted path of the document text in each JSON record.")
-    source_field: str = Field("meta.pile_set_name", description="Dotted path of the source name (for mixing/stats).")
+    # The record format: defaults live in `RecordFormat`, and `record_format()` carries these three whole.
+    text_field: str = Field(
+        DEFAULT_FORMAT.text_field, description="Dotted path of the document text in each JSON record."
+    )
+    source_field: str = Field(
+        DEFAULT_FORMAT.source_field, description="Dotted path of the source name (for mixing/stats)."
+    )
+    max_document_bytes: int = Field(
+        DEFAULT_FORMAT.max_document_bytes, ge=1, description="Longest record (its JSON line, in bytes) that is "
+        "read; a longer one is skipped as 'oversized_document' unparsed (one huge document would stall a worker "
+        "and take gigabytes of memory)."
+    )
 
     # ------------------------------------------------------------ order and mixture
     source_weights: dict[str, float] = Field(
@@ -59,6 +70,10 @@ class DataConfig(ConfigNode):
             if weight < 0:
                 raise ValueError(f"data.source_weights.{name}: weight must be >= 0, got {weight}")
         return self
+
+    def record_format(self) -> RecordFormat:
+        """How each JSON line becomes a document: built here once, carried whole through the pipeline."""
+        return RecordFormat(self.text_field, self.source_field, self.max_document_bytes)
 
     def resolve_train(self) -> tuple[list[Path], list[str], list[float]]:
         """(paths, display names, weight per shard); DataError for a missing path, an empty glob, a clash."""

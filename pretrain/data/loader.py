@@ -22,13 +22,15 @@ import pickle
 import signal
 import time
 import traceback
-from typing import Any
+from collections import Counter
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from hgrn_megatron.corpus.counters import DataCounters
 from hgrn_megatron.corpus.shards import DataError
 
+from .batch import collate
 from .config import DataConfig
 from .packing import LaneGroup, PackingSpec
 from .state import (
@@ -46,7 +48,28 @@ QUEUE_POLL_S = 0.5
 CLOSE_GRACE_S = 2.0
 
 
-def build_packing_spec(cfg: DataConfig, seq_length: int, eos_id: int) -> PackingSpec:
+class WorkerSample(NamedTuple):
+    """What a worker sends per sample: the sample, its lane's state after it, and the worker's costs."""
+
+    index: int  # global sample index j
+    tokens: np.ndarray  # int32 [S+1]
+    doc_start: np.ndarray  # bool [S+1]
+    snapshot: dict  # the lane's state after this sample (packing.Lane.snapshot)
+    counts: Counter  # the lane's counter increments since its previous sample
+    busy_s: float  # wall seconds spent producing it
+    cpu_s: float  # CPU seconds spent producing it
+    readers: int  # shard readers open in the worker
+
+
+class WorkerError(NamedTuple):
+    """What a failing worker sends instead (a DataError stays a DataError in the trainer)."""
+
+    is_data_error: bool
+    message: str
+    traceback: str
+
+
+def build_packing_spec(cfg: DataConfig, seq_length: int) -> PackingSpec:
     paths, names, weights = cfg.resolve_train()
     return PackingSpec(
         paths=[str(p) for p in paths],
@@ -56,9 +79,7 @@ def build_packing_spec(cfg: DataConfig, seq_length: int, eos_id: int) -> Packing
         seed=cfg.seed,
         lanes=cfg.lanes,
         seq_length=seq_length,
-        eos_id=eos_id,
-        text_field=cfg.text_field,
-        source_field=cfg.source_field,
+        record_format=cfg.record_format(),
         warn_limit=cfg.warn_limit,
         lookahead_bytes=cfg.lookahead_mib << 20,
     )
@@ -70,6 +91,15 @@ def rank_samples(start: int, dp_rank: int, dp_size: int):
     while True:
         yield j
         j += dp_size
+
+
+def produce_sample(group: LaneGroup, j: int) -> WorkerSample:
+    """Global sample j from the group holding its lane, with the lane's state and what producing it cost."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    lane = j % group.spec.lanes
+    tokens, doc_start, snapshot, delta = group.produce(lane, j // group.spec.lanes)
+    return WorkerSample(j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0,
+                        time.process_time() - c0, group.num_readers())
 
 
 def _send(conn, credits, item, stop, parent_pid) -> bool:
@@ -99,22 +129,13 @@ def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, 
     try:
         group = LaneGroup(spec, lane_states, tokenizer)
         mine = set(group.lanes)
-        L = spec.lanes
-        t0, c0 = time.perf_counter(), time.process_time()
         for j in rank_samples(start, dp_rank, dp_size):
-            lane = j % L
-            if lane not in mine:
-                continue
-            tokens, doc_start, snapshot, delta = group.produce(lane, j // L)
-            t1, c1 = time.perf_counter(), time.process_time()
-            item = (j, tokens, doc_start, snapshot, delta.counts, t1 - t0, c1 - c0, group.num_readers())
-            if not _send(conn, credits, item, stop, parent_pid):
+            if j % spec.lanes in mine and not _send(conn, credits, produce_sample(group, j), stop, parent_pid):
                 return
-            t0, c0 = time.perf_counter(), time.process_time()
     except BaseException as err:  # noqa: BLE001 - report everything to the trainer
         credits.release()  # an error report never waits for room
-        _send(conn, credits, ("error", isinstance(err, DataError), f"{type(err).__name__}: {err}",
-                              traceback.format_exc()), stop, parent_pid)
+        _send(conn, credits, WorkerError(isinstance(err, DataError), f"{type(err).__name__}: {err}",
+                                         traceback.format_exc()), stop, parent_pid)
     finally:
         conn.close()
 
@@ -122,7 +143,7 @@ def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, 
 class TrainLoader:
     """Iterator of micro-batches `{"tokens": Long[mb, S+1], "doc_start": Bool[mb, S+1]}` for one DP rank.
 
-    Model input = tokens[:, :-1], labels = tokens[:, 1:], the inputs' document starts = doc_start[:, :-1].
+    `batch.model_inputs(batch)` gives the model's inputs, labels and the inputs' document starts.
     `state` is a global state (`merge_data_states` of all ranks' `state_dict()`s, or a single-rank run's
     state); any dp_size and num_workers continue the same global sequence from it.
     """
@@ -138,7 +159,7 @@ class TrainLoader:
         self.cfg = cfg
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.spec = build_packing_spec(cfg, seq_length, tokenizer.eos_id)
+        self.spec = build_packing_spec(cfg, seq_length)
         self.fingerprint = fingerprint(self.spec, tokenizer.sha256)
         if state is None:
             gstate = initial_global_state(self.fingerprint)
@@ -200,45 +221,29 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        import torch
-
         if self._closed:
             raise RuntimeError("TrainLoader is closed")
-        tokens, doc_start = [], []
-        for _ in range(self.micro_batch_size):
-            t, d = self._next_sample()
-            tokens.append(t)
-            doc_start.append(d)
-        return {
-            "tokens": torch.from_numpy(np.stack(tokens)).long(),
-            "doc_start": torch.from_numpy(np.stack(doc_start)),
-        }
+        return collate([self._next_sample() for _ in range(self.micro_batch_size)])
 
     def _next_sample(self) -> tuple[np.ndarray, np.ndarray]:
         j = self.start_sample + self.dp_rank + self._consumed * self.dp_size
         lane = j % self.spec.lanes
         w = self._owner[lane]
         t0 = time.perf_counter()
-        if self.num_workers == 0:
-            c0 = time.process_time()
-            tokens, doc_start, snapshot, delta = self._group.produce(lane, j // self.spec.lanes)
-            busy, cpu = time.perf_counter() - t0, time.process_time() - c0
-            readers, counts = self._group.num_readers(), delta.counts
-        else:
-            got_j, tokens, doc_start, snapshot, counts, busy, cpu, readers = self._get(w)
-            if got_j != j:
-                raise RuntimeError(f"data worker {w} sent sample {got_j}, expected {j} (loader bug)")
+        sample = produce_sample(self._group, j) if self.num_workers == 0 else self._get(w)
+        if sample.index != j:
+            raise RuntimeError(f"data worker {w} sent sample {sample.index}, expected {j} (loader bug)")
         self._wait_s += time.perf_counter() - t0
-        self._worker_busy[w] += busy
-        self._worker_cpu[w] += cpu
+        self._worker_busy[w] += sample.busy_s
+        self._worker_cpu[w] += sample.cpu_s
         self._worker_samples[w] += 1
-        self._readers[w] = readers
-        self._snapshots[lane] = snapshot
-        self._counters[lane].counts.update(counts)
+        self._readers[w] = sample.readers
+        self._snapshots[lane] = sample.snapshot
+        self._counters[lane].counts.update(sample.counts)
         self._consumed += 1
-        return tokens, doc_start
+        return sample.tokens, sample.doc_start
 
-    def _get(self, w: int):
+    def _get(self, w: int) -> WorkerSample:
         conn, proc = self._conns[w], self._procs[w]
         try:
             while not conn.poll(QUEUE_POLL_S):
@@ -250,12 +255,11 @@ class TrainLoader:
             self.close()
             raise RuntimeError(f"data worker {w} ({proc.name}) died with exit code {proc.exitcode}") from None
         self._credits[w].release()
-        if item[0] == "error":
-            _, is_data_error, message, tb = item
+        if isinstance(item, WorkerError):
             self.close()
-            if is_data_error:
-                raise DataError(message)
-            raise RuntimeError(f"data worker {w} failed: {message}\n--- worker traceback ---\n{tb}")
+            if item.is_data_error:
+                raise DataError(item.message)
+            raise RuntimeError(f"data worker {w} failed: {item.message}\n--- worker traceback ---\n{item.traceback}")
         return item
 
     # ------------------------------------------------------------ state and stats

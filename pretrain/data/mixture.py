@@ -76,9 +76,3 @@ class Mixture:
         frac = w - whole
         return frac > 0 and _hash_u64("keep", self.seed, epoch, shard, line) < frac * 2.0**64
 
-    def describe(self) -> dict:
-        return {
-            "seed": self.seed,
-            "shard_weights": self.shard_weights,
-            "source_weights": dict(sorted(self.source_weights.items())),
-        }

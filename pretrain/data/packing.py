@@ -22,14 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hgrn_megatron.corpus.counters import DataCounters
-from hgrn_megatron.corpus.shards import (
-    UNKNOWN_SOURCE,
-    BadRecord,
-    DataError,
-    RecordParser,
-    SkipWarner,
-    StreamFault,
-)
+from hgrn_megatron.corpus.records import UNKNOWN_SOURCE, BadRecord, RecordFormat, RecordParser, SkipWarner
+from hgrn_megatron.corpus.shards import DataError, OversizedLine, StreamFault
 
 from .mixture import Mixture
 from .stream import START, Position, RecordStream
@@ -48,9 +42,7 @@ class PackingSpec:
     seed: int
     lanes: int
     seq_length: int
-    eos_id: int
-    text_field: str = "text"
-    source_field: str = "meta.pile_set_name"
+    record_format: RecordFormat
     warn_limit: int = 5
     lookahead_bytes: int = 32 << 20
     _mixture: Mixture | None = field(default=None, repr=False, compare=False)
@@ -209,10 +201,9 @@ class LaneGroup:
 
     def __init__(self, spec: PackingSpec, lane_states: list[dict], tokenizer):
         self.spec = spec
-        self.parser = RecordParser(spec.text_field, spec.source_field)
+        self.parser = RecordParser(spec.record_format)
         self.warner = SkipWarner(spec.warn_limit)
-        self._encode = tokenizer.encode
-        self._eos = spec.eos_id
+        self._encode_document = tokenizer.encode_document
         self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
         self.queues: dict[int, deque] = {lane: deque() for lane in self.lanes}
         self.queued_bytes = dict.fromkeys(self.lanes, 0)
@@ -220,15 +211,17 @@ class LaneGroup:
         if self.lanes:
             starts = [lane.doc if lane.doc is not None else START for lane in self.lanes.values()]
             first = min(starts, key=lambda p: p.ordinal)
-            shared = _Reader(RecordStream(spec.paths, spec.names, spec.mixture, first), set(self.lanes))
+            shared = _Reader(self._stream(first), set(self.lanes))
             self.readers = dict.fromkeys(self.lanes, shared)
 
     def encode(self, text: str) -> np.ndarray:
-        ids = self._encode(text)
-        ids.append(self._eos)
-        return np.asarray(ids, dtype=np.int32)
+        return np.asarray(self._encode_document(text), dtype=np.int32)
 
-    def next_record(self, lane: int) -> tuple[Position, bytes | StreamFault, int]:
+    def _stream(self, start: Position) -> RecordStream:
+        spec = self.spec
+        return RecordStream(spec.paths, spec.names, spec.mixture, start, spec.record_format.max_document_bytes)
+
+    def next_record(self, lane: int) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
         """The next record of `lane`, reading ahead for the other lanes that share its reader."""
         queue = self.queues[lane]
         L = self.spec.lanes
@@ -246,8 +239,7 @@ class LaneGroup:
                     # `owner` lags far behind the lanes it shares a reader with: give it its own reader,
                     # starting where the shared one stands, instead of buffering without bound.
                     reader.lanes.discard(owner)
-                    stream = RecordStream(self.spec.paths, self.spec.names, self.spec.mixture, reader.stream.position)
-                    self.readers[owner] = _Reader(stream, {owner})
+                    self.readers[owner] = _Reader(self._stream(reader.stream.position), {owner})
         pos, item, shard = queue.popleft()
         if isinstance(item, bytes):
             self.queued_bytes[lane] -= len(item)

@@ -12,14 +12,25 @@ global state at any data-parallel size or worker count continues the same global
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
+from hgrn_megatron.corpus.records import DEFAULT_FORMAT
 from hgrn_megatron.corpus.shards import DataError
 
 from .packing import PackingSpec, fresh_lane_state
 
 STATE_FORMAT = "hgrn-data-state/1"
+
+
+# Fingerprint keys that states saved by earlier versions lack, each with the value such a state stands for (what
+# those versions did). A key added to the fingerprint needs an entry here, or every earlier run's state would be
+# refused; the value is this version's default, so a run that keeps the default resumes.
+FINGERPRINT_DEFAULTS: dict[str, object] = {
+    "max_document_bytes": DEFAULT_FORMAT.max_document_bytes,
+}
+_MISSING = object()
 
 
 def fingerprint(spec: PackingSpec, tokenizer_sha256: str) -> dict:
@@ -31,17 +42,19 @@ def fingerprint(spec: PackingSpec, tokenizer_sha256: str) -> dict:
         "shards": list(spec.names),
         "shard_weights": list(spec.shard_weights),
         "source_weights": dict(sorted(spec.source_weights.items())),
-        "text_field": spec.text_field,
-        "source_field": spec.source_field,
+        **dataclasses.asdict(spec.record_format),  # text_field, source_field, max_document_bytes
         "tokenizer_sha256": tokenizer_sha256,
     }
 
 
 def check_fingerprint(saved: dict, current: dict) -> None:
+    """DataError listing every difference; a key one side lacks compares as its `FINGERPRINT_DEFAULTS` value."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
+        default = FINGERPRINT_DEFAULTS.get(key, _MISSING)
+        a, b = saved.get(key, default), current.get(key, default)
         if a != b:
+            a, b = (None if v is _MISSING else v for v in (a, b))
             if key == "shards":
                 gone, new = sorted(set(a or []) - set(b or [])), sorted(set(b or []) - set(a or []))
                 diffs.append(f"shards: {len(a or [])} saved vs {len(b or [])} now (missing {gone[:3]}, new {new[:3]})")

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hgrn_megatron.corpus.shards import DataError, StreamFault, iter_lines
+from hgrn_megatron.corpus.shards import DataError, OversizedLine, StreamFault, iter_lines
 
 from .mixture import Mixture
 
@@ -38,13 +38,16 @@ START = Position(0, 0, 0, 0)
 class RecordStream:
     """Reads records from `start` onward; `next()` returns (position, raw line or StreamFault, shard index).
 
-    Starting mid-shard decompresses the shard from its beginning and skips lines (no parsing).
+    A line longer than `max_line_bytes` comes as an `OversizedLine` (never held whole). Starting mid-shard
+    decompresses the shard from its beginning and skips lines (no parsing).
     """
 
-    def __init__(self, paths: Sequence[str | Path], names: Sequence[str], mixture: Mixture, start: Position = START):
+    def __init__(self, paths: Sequence[str | Path], names: Sequence[str], mixture: Mixture, start: Position = START,
+                 max_line_bytes: int | None = None):
         self.paths = [str(p) for p in paths]
         self.names = list(names)
         self.mixture = mixture
+        self.max_line_bytes = max_line_bytes
         self._ordinal, self._pass, self._slot, self._line = start.ordinal, start.pass_index, start.slot, start.line
         self._pass_records = 0
         self._full_pass = start.slot == 0 and start.line == 0
@@ -62,7 +65,7 @@ class RecordStream:
     def _open(self) -> None:
         shard = self.shard_at(self._pass, self._slot)
         self._shard = shard
-        self._lines = iter_lines(self.paths[shard])
+        self._lines = iter_lines(self.paths[shard], max_line_bytes=self.max_line_bytes)
         for skipped in range(self._line):
             item = next(self._lines, None)
             if isinstance(item, StreamFault):  # resuming would silently read other data than the saved state's
@@ -74,7 +77,7 @@ class RecordStream:
                     f"has only {skipped} records now; was the shard changed or replaced since the checkpoint?"
                 )
 
-    def next(self) -> tuple[Position, bytes | StreamFault, int]:
+    def next(self) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
         while True:
             item = next(self._lines, None)
             if item is not None:

@@ -12,8 +12,10 @@ import logging
 import numpy as np
 
 from hgrn_megatron.corpus.counters import DataCounters
-from hgrn_megatron.corpus.shards import RecordParser, SkipWarner, iter_documents, shard_display_names
+from hgrn_megatron.corpus.records import RecordParser, SkipWarner, iter_documents
+from hgrn_megatron.corpus.shards import shard_display_names
 
+from .batch import collate
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -25,13 +27,12 @@ def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, coun
     """Token, source-name and doc-start arrays of the first documents of the validation shards."""
     paths = cfg.resolve_valid()
     names = shard_display_names(paths)
-    parser, warner = RecordParser(cfg.text_field, cfg.source_field), SkipWarner(cfg.warn_limit)
+    parser, warner = RecordParser(cfg.record_format()), SkipWarner(cfg.warn_limit)
     tokens, sources, total = [], [], 0
 
     def flush(batch):
         nonlocal total
-        for ids, source in zip(tokenizer.encode_batch([d.text for d in batch]), (d.source for d in batch)):
-            ids.append(tokenizer.eos_id)
+        for ids, source in zip(tokenizer.encode_documents([d.text for d in batch]), (d.source for d in batch)):
             tokens.append(np.asarray(ids, dtype=np.int64))
             sources.append(source)
             total += len(ids)
@@ -59,11 +60,9 @@ def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_
     """This rank's validation micro-batches.
 
     Returns `{"batches": [{"tokens", "doc_start", "source_ids"}: Long/Bool/Long [rows <= mb, S+1]],
-    "source_names": [...], "samples": global sample count, "skipped": {kind: n}}`. Loss per source: labels are
-    tokens[:, 1:], their sources source_ids[:, 1:].
+    "source_names": [...], "samples": global sample count, "skipped": {kind: n}}`. Loss per source:
+    `batch.model_inputs(b).labels` come from the sources `batch.label_sources(b)`.
     """
-    import torch
-
     empty = {"batches": [], "source_names": [], "samples": 0, "skipped": {}}
     if not cfg.valid_shards or cfg.valid_samples == 0:
         return empty
@@ -88,9 +87,6 @@ def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_
     batches = []
     for i in range(0, len(mine), micro_batch_size):
         rows = [slice(j * S, j * S + S + 1) for j in mine[i : i + micro_batch_size]]
-        batches.append({
-            "tokens": torch.from_numpy(np.stack([stream[r] for r in rows])),
-            "doc_start": torch.from_numpy(np.stack([starts[r] for r in rows])),
-            "source_ids": torch.from_numpy(np.stack([source_ids[r] for r in rows])),
-        })
+        batches.append(collate([(stream[r], starts[r], source_ids[r]) for r in rows],
+                               ("tokens", "doc_start", "source_ids")))
     return {"batches": batches, "source_names": source_names, "samples": samples, "skipped": skipped}

@@ -21,7 +21,7 @@ def test_a_lagging_lane_gets_its_own_reader_and_the_samples_do_not_change(tmp_pa
     cfg = data_config(corpus["glob"])
     outputs = {}
     for cap in (1 << 30, 300):  # unbounded look-ahead vs. a few records
-        spec = build_packing_spec(cfg, 16, tokenizer.eos_id)
+        spec = build_packing_spec(cfg, 16)
         spec.lookahead_bytes = cap
         group = LaneGroup(spec, [fresh_lane_state(lane) for lane in range(8)], tokenizer)
         samples = [group.produce(j % 8, j // 8)[0] for j in range(400)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hgrn_megatron.corpus.shards import RecordParser, iter_documents
+from hgrn_megatron.corpus.records import RecordParser, iter_documents
 from tests.data.data_harness import SHARED_PILE, data_config, run_ranks
 
 pytestmark = pytest.mark.skipif(not SHARED_PILE.is_dir(), reason="the Pile-format sample is not next to the repo")

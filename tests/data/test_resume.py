@@ -153,3 +153,35 @@ def test_resuming_into_an_unreadable_shard_says_so(tmp_path):
     with pytest.raises(DataError, match=r"a\.jsonl\.zst: resuming at line 6 of this shard, but it fails after 0 "
                                         r"lines \(unreadable_shard: cannot open"):
         RecordStream([shard], ["a"], Mixture(1, 0), start)
+
+
+# The fingerprint keys of the first state format: a key beyond these needs a FINGERPRINT_DEFAULTS entry.
+FIRST_FINGERPRINT_KEYS = {"seq_length", "lanes", "seed", "shards", "shard_weights", "source_weights", "text_field",
+                          "source_field", "tokenizer_sha256"}
+
+
+def test_a_state_saved_before_a_fingerprint_key_existed_resumes(uninterrupted, tokenizer):
+    """A key added to the fingerprint (with its default) does not refuse earlier runs' states; a value that
+    differs from what the state stands for still does."""
+    from hgrn_megatron.pretrain.data.state import FINGERPRINT_DEFAULTS
+
+    cfg, ref_tokens, _ = uninterrupted
+    _, _, merged, _ = run_ranks(cfg, tokenizer, S, MB, 1, 4)
+    assert set(merged["fingerprint"]) - FIRST_FINGERPRINT_KEYS <= set(FINGERPRINT_DEFAULTS)
+    older = through_storage(merged)
+    for key in set(merged["fingerprint"]) - FIRST_FINGERPRINT_KEYS:
+        del older["fingerprint"][key]  # as an earlier version saved it
+    assert "max_document_bytes" not in older["fingerprint"]
+    after, _, _, _ = run_ranks(cfg, tokenizer, S, MB, 2, 3, state=older)
+    assert np.array_equal(after, ref_tokens[4 * MB : 10 * MB])
+    with TrainLoader(cfg, tokenizer, S, MB, 0, 1, state=older) as loader:
+        assert np.array_equal(next(loader)["tokens"].numpy(), ref_tokens[4 * MB : 5 * MB])
+        assert loader.state_dict()["fingerprint"] == merged["fingerprint"]  # saved again with every key
+    changed = cfg.model_copy(update={"max_document_bytes": 4096})
+    with pytest.raises(DataError, match=r"max_document_bytes: saved 8388608, now 4096"):
+        TrainLoader(changed, tokenizer, S, MB, 0, 1, state=older)
+    with pytest.raises(DataError, match=r"max_document_bytes: saved 8388608, now 4096"):
+        TrainLoader(changed, tokenizer, S, MB, 0, 1, state=merged)
+    unknown = {**older, "fingerprint": {**older["fingerprint"], "from_a_newer_version": 1}}
+    with pytest.raises(DataError, match=r"from_a_newer_version: saved 1, now None"):
+        TrainLoader(cfg, tokenizer, S, MB, 0, 1, state=unknown)

@@ -10,11 +10,12 @@ import zstandard
 
 from hgrn_megatron.corpus.counters import DataCounters
 from hgrn_megatron.corpus.shards import iter_lines, resolve_shards, shard_display_names
-from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader, flatten_stats
+from hgrn_megatron.pretrain.data import SKIP_KINDS, TrainLoader, build_validation_batches
 from hgrn_megatron.pretrain.data.mixture import Mixture
 from tests.data.data_harness import data_config, make_text, record, run_ranks, write_zst
 
 S = 16
+MAX_DOC = 4096  # data.max_document_bytes for the broken corpus, so that an oversized record stays small
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def broken_corpus(tmp_path_factory):
         good("b2"),
         (b'{"text": "\\udc00", "meta": {"pile_set_name": "Src-A"}}', ("invalid_utf8", "Src-A", None)),
         (b"", ("invalid_json", "unknown", None)),
+        (record("long " * 1000, "Src-B"), ("oversized_document", "unknown", None)),  # > MAX_DOC: never parsed
+        good("b3"),
     ]
     shard("b-bad-records.jsonl.zst", bad_items)
 
@@ -84,7 +87,7 @@ def pass_zero_records(glob: str, seed: int, fates: dict) -> list[tuple[str, tupl
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_skip_counts_are_exact_when_the_last_good_document_of_a_pass_is_read(broken_corpus, tokenizer, workers):
-    cfg = data_config(broken_corpus["glob"], lanes=1, num_workers=workers, seed=11)
+    cfg = data_config(broken_corpus["glob"], lanes=1, num_workers=workers, seed=11, max_document_bytes=MAX_DOC)
     records = pass_zero_records(broken_corpus["glob"], 11, broken_corpus["fates"])
     good = [i for i, (_, fate) in enumerate(records) if fate[0] is None]
     expected = Counter(("skip", fate[0], shard, fate[1]) for shard, fate in records[: good[-1]] if fate[0])
@@ -104,16 +107,15 @@ def test_skip_counts_are_exact_when_the_last_good_document_of_a_pass_is_read(bro
     assert stats["skipped_total"] == sum(expected.values())
     want_sources = Counter(records[i][1][1] for i in good)
     assert stats["documents_by_source"] == dict(want_sources)
-    flat = flatten_stats(stats)
-    assert flat["data/skipped_by_kind/invalid_json"] == sum(n for k, n in expected.items() if k[1] == "invalid_json")
-    assert flat["data/documents"] == len(good) and "data/skipped_by_shard/d-garbage.jsonl.zst/corrupt_stream" in flat
+    assert stats["skipped_by_kind"]["invalid_json"] == sum(n for k, n in expected.items() if k[1] == "invalid_json")
+    assert stats["skipped_by_shard"]["d-garbage.jsonl.zst"]["corrupt_stream"] == 1
     assert stats["workers"] == workers and stats["loader_tokens_per_s"] > 0 and stats["wait_s"] >= 0
 
 
 def test_every_good_document_arrives_and_nothing_else(broken_corpus, tokenizer):
     """Over two ranks, one worker each, four lanes: each lane's stream splits at EOS into exactly the good texts."""
     L, seed = 4, 3
-    cfg = data_config(broken_corpus["glob"], lanes=L, seed=seed)
+    cfg = data_config(broken_corpus["glob"], lanes=L, seed=seed, max_document_bytes=MAX_DOC)
     records = pass_zero_records(broken_corpus["glob"], seed, broken_corpus["fates"])
     good_texts = Counter(fate[2] for _, fate in records if fate[0] is None)
     total_tokens = sum(len(tokenizer.encode(t)) + 1 for t in good_texts)
@@ -129,3 +131,29 @@ def test_every_good_document_arrives_and_nothing_else(broken_corpus, tokenizer):
         seen[tokenizer.decode(stream[: eos[0]].tolist())] += 1
     assert set(seen) == set(good_texts), "only good documents arrive"
     assert all(seen[t] >= 1 for t in good_texts), "every good document arrives"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_oversized_document_is_skipped_and_counted_and_the_others_arrive(tmp_path, tokenizer, workers):
+    """One record over data.max_document_bytes among good ones: counted as its own kind (unparsed, so its source
+    is unknown), in training and validation alike; every other document arrives, in order."""
+    rng = random.Random(9)
+    texts = [make_text(rng, 20, 40, f"d{i}") for i in range(12)]
+    huge = record("word " * 400_000)  # 2 MB
+    lines = [record(t) for t in texts]
+    lines.insert(5, huge)
+    shard = str(write_zst(tmp_path / "a.jsonl.zst", lines))
+    cfg = data_config(shard, lanes=1, num_workers=workers, max_document_bytes=1 << 20, valid_shards=[shard])
+    want = np.concatenate([np.array(tokenizer.encode(t) + [tokenizer.eos_id]) for t in texts])
+    steps = (len(want) - 1) // S
+    loader = TrainLoader(cfg, tokenizer, S, 1, 0, 1)
+    try:
+        got = [next(loader)["tokens"][0].numpy() for _ in range(steps)]
+        stats = loader.stats()
+    finally:
+        loader.close()
+    assert np.array_equal(np.concatenate([got[0], *[g[1:] for g in got[1:]]]), want[: steps * S + 1])
+    assert stats["skipped_by_kind"] == {"oversized_document": 1}
+    assert stats["skipped_by_source"] == {"unknown": {"oversized_document": 1}}
+    assert stats["documents"] == len(texts)
+    assert build_validation_batches(cfg, tokenizer, S, 1)["skipped"] == {"oversized_document": 1}

@@ -1,24 +1,18 @@
 """Reading shards: every bad line and damaged stream is reported with the right kind; good lines all arrive."""
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import random
+import tracemalloc
 
 import pytest
 import zstandard
 
 from hgrn_megatron.corpus.counters import DataCounters
-from hgrn_megatron.corpus.shards import (
-    BadRecord,
-    DataError,
-    Document,
-    RecordParser,
-    SkipWarner,
-    StreamFault,
-    iter_documents,
-    iter_lines,
-    resolve_shards,
-)
+from hgrn_megatron.corpus.records import BadRecord, Document, RecordFormat, RecordParser, SkipWarner, iter_documents
+from hgrn_megatron.corpus.shards import DataError, OversizedLine, StreamFault, iter_lines, resolve_shards
 from tests.data.data_harness import WORDS, record, write_zst
 
 
@@ -45,7 +39,7 @@ def test_parser_classifies_every_kind_of_bad_record():
         else:
             assert isinstance(got, BadRecord) and got.kind == want, (line, got)
     assert parse(b'{"text": "", "meta": {"pile_set_name": "Src"}}').source == "Src"
-    nested = RecordParser(text_field="body.content", source_field="origin")
+    nested = RecordParser(RecordFormat(text_field="body.content", source_field="origin"))
     assert nested(b'{"body": {"content": "x"}, "origin": "Wiki"}') == Document("x", "Wiki")
 
 
@@ -130,3 +124,65 @@ def test_resolve_shards_errors_name_the_field_and_pattern(tmp_path):
         resolve_shards([str(tmp_path / "notes.txt")], field="f")
     with pytest.raises(DataError, match=r"directory '.*empty' contains no"):
         resolve_shards([str(tmp_path / "empty")], field="f")
+
+
+def test_links_that_lead_nowhere_are_errors_not_silently_dropped(tmp_path):
+    """A dangling link (an unmounted data directory) or a loop among the shards: training on the rest without a
+    word would quietly change the data."""
+    write_zst(tmp_path / "a.jsonl.zst", [record("x")])
+    (tmp_path / "b.jsonl.zst").symlink_to(tmp_path / "gone" / "b.jsonl.zst")
+    for pattern in (str(tmp_path / "*.jsonl.zst"), str(tmp_path), str(tmp_path / "b.jsonl.zst")):
+        with pytest.raises(DataError, match=r"data.train_shards: .* lists .*b\.jsonl\.zst, which is a dangling "
+                                            r"symlink \(-> .*gone/b\.jsonl\.zst"):
+            resolve_shards([pattern], field="data.train_shards")
+    (tmp_path / "b.jsonl.zst").unlink()
+    (tmp_path / "c.jsonl.zst").symlink_to(tmp_path / "d.jsonl.zst")
+    (tmp_path / "d.jsonl.zst").symlink_to(tmp_path / "c.jsonl.zst")
+    for pattern in (str(tmp_path / "*.jsonl.zst"), str(tmp_path), str(tmp_path / "c.jsonl.zst")):
+        with pytest.raises(DataError, match=r"f: .* lists .*[cd]\.jsonl\.zst, which is a symlink loop"):
+            resolve_shards([pattern], field="f")
+    (tmp_path / "c.jsonl.zst").unlink()
+    (tmp_path / "d.jsonl.zst").unlink()
+    (tmp_path / "e.jsonl.zst").symlink_to(tmp_path / "a.jsonl.zst")  # a link that works is a shard like any other
+    assert resolve_shards([str(tmp_path)], field="f") == [(tmp_path / "a.jsonl.zst").resolve()]
+
+
+def long_line(size: int) -> bytes:
+    """A record of `size` bytes of text that zstd cannot shrink much (so it spans many read chunks)."""
+    text = base64.b64encode(os.urandom(size * 3 // 4)).decode()
+    return record(text)
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 4096, 1 << 20])
+def test_an_oversized_line_is_reported_by_size_and_its_neighbours_arrive(tmp_path, chunk_bytes):
+    at_limit = record("y" * (1000 - len(record(""))))  # exactly max_line_bytes: kept
+    assert len(at_limit) == 1000
+    big, small_big = long_line(300_000), long_line(5000)
+    lines = [record("before"), big, record("after"), at_limit]
+    zst = write_zst(tmp_path / "a.jsonl.zst", lines, frames=2)
+    plain = tmp_path / "b.jsonl"
+    plain.write_bytes(b"\n".join([*lines, small_big]))  # no newline after the (oversized) last line
+    want = [lines[0], OversizedLine(len(big)), lines[2], at_limit]
+    assert list(iter_lines(zst, chunk_bytes=chunk_bytes, max_line_bytes=1000)) == want
+    assert list(iter_lines(plain, chunk_bytes=chunk_bytes, max_line_bytes=1000)) == [*want, OversizedLine(len(small_big))]
+    assert list(iter_lines(zst, chunk_bytes=chunk_bytes)) == lines  # no limit: every line whole
+
+    parser = RecordParser(RecordFormat(max_document_bytes=1000))
+    rec = parser(OversizedLine(len(big)))
+    assert rec.kind == "oversized_document" and rec.source == "unknown" and "data.max_document_bytes" in rec.detail
+    assert parser(small_big).kind == "oversized_document"  # also when handed the bytes themselves
+    assert parser(at_limit) == Document("y" * (1000 - len(record(""))), "Synthetic")
+
+
+def test_an_oversized_line_is_never_held_whole(tmp_path):
+    """Reading past a 24 MB record with a 1 MiB limit allocates about a read chunk's worth, not the record."""
+    size = 24 << 20
+    path = write_zst(tmp_path / "big.jsonl.zst", [record("a"), long_line(size), record("b")])
+    tracemalloc.start()
+    try:
+        out = [x if isinstance(x, OversizedLine) else len(x) for x in iter_lines(path, max_line_bytes=1 << 20)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out == [len(record("a")), OversizedLine(len(long_line(size))), len(record("b"))]
+    assert peak < size // 3, f"peak {peak / 2**20:.1f} MiB while reading past a {size >> 20} MiB record"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hgrn_megatron.corpus.shards import RecordParser, iter_documents
+from hgrn_megatron.corpus.records import RecordParser, iter_documents
 from hgrn_megatron.pretrain.data import build_validation_batches
 from tests.data.data_harness import ASSETS, data_config
 

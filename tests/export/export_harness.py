@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from hgrn_megatron.pretrain.data import model_inputs
+
 REPO = Path(__file__).resolve().parents[2]
 TEXT_SHARD_DIRS = [REPO / "tests" / "assets" / "pile-mini", REPO.parent / "shared" / "data" / "pile-sample"]
 EOS_ID = 2  # the framework's fixed special ids: unk 0, bos 1, eos 2, pad 3
@@ -91,8 +93,8 @@ def train_and_checkpoint(spec: dict) -> dict | None:
         g = torch.Generator().manual_seed(1000 * step + dp_rank)
         tokens = torch.randint(4, vocab, (micro, 33), generator=g)
         tokens[:, 10] = EOS_ID
-        loss = engine(tokens[:, :-1], labels=tokens[:, 1:],
-                      doc_start=doc_starts_after_eos(tokens[:, :-1]) if reset else None)
+        x = model_inputs(tokens)
+        loss = engine(x.input_ids, labels=x.labels, doc_start=doc_starts_after_eos(x.input_ids) if reset else None)
         engine.backward(loss.mean())
         engine.step()
 

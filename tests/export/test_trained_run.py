@@ -58,7 +58,7 @@ def test_exported_model_reproduces_the_trainers_validation_loss(trained_run, tmp
     from transformers import AutoModelForCausalLM
 
     from hgrn_megatron.pretrain.config import RunConfig
-    from hgrn_megatron.pretrain.data import build_validation_batches
+    from hgrn_megatron.pretrain.data import build_validation_batches, model_inputs
     from hgrn_megatron.tokenizer import Tokenizer
 
     run_dir = Path(trained_run["run_dir"])
@@ -76,9 +76,9 @@ def test_exported_model_reproduces_the_trainers_validation_loss(trained_run, tmp
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            tokens = batch["tokens"]
-            logits = model(tokens[:, :-1]).logits  # document starts found from EOS, not from the data's mask
-            loss = F.cross_entropy(logits.transpose(1, 2).double(), tokens[:, 1:], reduction="sum")
-            total, count = total + loss.item(), count + tokens[:, 1:].numel()
+            x = model_inputs(batch)
+            logits = model(x.input_ids).logits  # document starts found from EOS, not from the data's mask
+            loss = F.cross_entropy(logits.transpose(1, 2).double(), x.labels, reduction="sum")
+            total, count = total + loss.item(), count + x.labels.numel()
     assert batches and any(b["doc_start"][:, 1:].any() for b in batches)  # the resets were exercised
     assert abs(total / count - run_state["last_val_loss"]) <= 1e-5 * run_state["last_val_loss"]

@@ -9,6 +9,7 @@ import torch
 
 import hgrn_megatron.model  # noqa: F401  imported here, in the parent, so forked ranks start with megatron loaded
 from hgrn_megatron.config import ModelConfig
+from hgrn_megatron.pretrain.data import model_inputs
 
 VOCAB = 256  # padded vocabulary of the test models (divisible by 2 for TP = 2)
 
@@ -49,7 +50,8 @@ def batch(b: int = 2, s: int = 24, vocab: int = VOCAB, seed: int = 7, doc_starts
     tokens = torch.randint(0, vocab, (b, s + 1), generator=g)
     doc_start = torch.zeros(b, s, dtype=torch.bool)
     doc_start[:, list(doc_starts)] = True
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), doc_start
+    x = model_inputs(tokens)
+    return x.input_ids.contiguous(), x.labels.contiguous(), doc_start
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hgrn_megatron.corpus.shards import RecordParser, iter_documents
+from hgrn_megatron.corpus.records import RecordParser, iter_documents
 from hgrn_megatron.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, padded_vocab_size, vocab_padding
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -53,6 +53,14 @@ def test_round_trip_is_exact(shipped_tokenizer):
 def test_encode_batch_matches_encode(shipped_tokenizer):
     texts = TRICKY * 3
     assert shipped_tokenizer.encode_batch(texts, num_threads=2) == [shipped_tokenizer.encode(t) for t in texts]
+
+
+def test_a_document_is_its_ids_then_eos(shipped_tokenizer):
+    tok = shipped_tokenizer
+    texts = TRICKY * 2
+    want = [tok.encode(t) + [tok.eos_id] for t in texts]
+    assert [tok.encode_document(t) for t in texts] == want
+    assert tok.encode_documents(texts, num_threads=2) == want
 
 
 def test_special_ids_and_digit_splitting(shipped_tokenizer):
