@@ -237,4 +237,3 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     2-D but is a set of gate offsets, not a weight matrix.
     """
     return param.ndim < 2 or name.endswith("lower_bounds.table")
-
