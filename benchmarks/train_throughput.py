@@ -49,9 +49,11 @@ from common import (
     timed_step,
 )
 
+from hgrn_megatron.mixers import MIXERS as REGISTERED_MIXERS
+from hgrn_megatron.mixers import get_mixer
 from hgrn_megatron.testing.memory import saved_tensor_bytes
 
-MIXERS = ("hgrn", "attention")
+MIXERS = ("hgrn", "attention")  # the default sweep: HGRN against its Transformer baseline
 KIB = 1024
 
 
@@ -203,7 +205,7 @@ def print_table(summary: dict, memory: bool) -> None:
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in summary["rows"]:
-        name = "HGRN" if r["mixer"] == "hgrn" else "Transformer"
+        name = get_mixer(r["mixer"]).title
         line = (f"| {name} | {r['seq_length']} | {r['micro_batch']} | {r['step_s']:.2f} | {100 * r['spread']:.0f}% | "
                 f"{r['tokens_per_s']:,.0f} | {r['tokens_per_cpu_s']:,.0f} |")
         if memory:
@@ -269,7 +271,7 @@ def profile_step(args, spec: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--mixers", nargs="+", choices=MIXERS, default=list(MIXERS))
+    parser.add_argument("--mixers", nargs="+", choices=list(REGISTERED_MIXERS), default=list(MIXERS))
     parser.add_argument("--tokens-per-step", type=int, default=8192)
     # The model: a 4-layer, d = 256 member of the presets' family (~5 M parameters with the 2048-piece vocabulary):
     # big enough that matmuls dominate a step, small enough for the sweep to finish in minutes on two cores.

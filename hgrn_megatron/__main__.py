@@ -13,6 +13,7 @@ import sys
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.config_base import ConfigError
 from hgrn_megatron.flops import count_parameters, flops_per_token, forward_flops_per_token, matmul_flops_per_token
+from hgrn_megatron.mixers import MIXERS, get_mixer
 from hgrn_megatron.presets import PRESETS, REFERENCE_VOCAB_SIZE
 
 
@@ -57,7 +58,8 @@ def cmd_info(args) -> int:
     vocab, seq = args.vocab_size, cfg.seq_length
     params = count_parameters(cfg, vocab)
     embedding = vocab * cfg.hidden_size * (1 if cfg.share_embeddings_and_output_weights else 2)
-    print(f"preset            {cfg.preset}   mixer {cfg.mixer}" + (f" ({cfg.variant})" if cfg.mixer == "hgrn" else ""))
+    details = get_mixer(cfg.mixer).details
+    print(f"preset            {cfg.preset}   mixer {cfg.mixer}" + (f" ({details(cfg)})" if details else ""))
     print(f"shape             d={cfg.hidden_size}  layers={cfg.num_layers}  ffn={cfg.ffn_hidden_size}  "
           f"heads={cfg.num_attention_heads}  seq={seq}  vocab={vocab}  "
           f"tied={cfg.share_embeddings_and_output_weights}")
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameter count and FLOPs per token of one model")
     info.add_argument("--preset", required=True, choices=list(PRESETS))
-    info.add_argument("--mixer", choices=["hgrn", "attention"], help="override the mixer (attention = baseline)")
+    info.add_argument("--mixer", choices=list(MIXERS), help="override the mixer: "
+                      + "; ".join(f"{name} = {spec.description}" for name, spec in MIXERS.items()))
     info.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ModelConfig field")
     info.add_argument("--verify", action="store_true", help="also build on the meta device and count")
     for p in (info, sub.add_parser("presets", help="one line per preset")):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hgrn_megatron.config_base import ConfigError, ConfigNode
+from hgrn_megatron.mixers import MIXERS, registered_mixers
 
 
 class ModelConfig(ConfigNode):
@@ -19,10 +20,11 @@ class ModelConfig(ConfigNode):
     preset: str | None = Field(
         None, description="Name in `hgrn_megatron.presets.PRESETS`; fills every field not given explicitly."
     )
-    mixer: Literal["hgrn", "attention"] = Field(
+    mixer: str = Field(
         "hgrn",
-        description="Token mixer: the HGRU, or megatron-core's own causal self-attention (with RoPE) as the "
-        "Transformer baseline. Everything else (embeddings, MLP, norms, head) is identical.",
+        description="Token mixer, a name in `hgrn_megatron.mixers.MIXERS`: 'hgrn' (the HGRU) or 'attention' "
+        "(megatron-core's own causal self-attention with RoPE, the Transformer baseline). Everything else "
+        "(embeddings, MLP, norms, head) is identical.",
     )
 
     # ---------------------------------------------------------------- sizes
@@ -91,6 +93,13 @@ class ModelConfig(ConfigNode):
             data = {**base, **data}
         return data
 
+    @field_validator("mixer")
+    @classmethod
+    def _registered_mixer(cls, name: str) -> str:
+        if name not in MIXERS:
+            raise ValueError(f"not a registered mixer; choose one of: {registered_mixers()}")
+        return name
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.variant == "complex" and self.expand_ratio != 1:
@@ -115,17 +124,6 @@ class ModelConfig(ConfigNode):
                 f"num_layers ({self.num_layers}); or use recompute_method 'block'"
             )
         return self
-
-    # ------------------------------------------------------------ derived
-    @property
-    def mixer_width(self) -> int:
-        """Recurrence channels of one HGRU (each complex channel holds a real and an imaginary part)."""
-        return self.hidden_size if self.variant == "complex" else self.expand_ratio * self.hidden_size
-
-    @property
-    def mixer_features(self) -> int:
-        """Real-valued features of one HGRU's state: the width of W_i, W_g, the mixer norm and W_o's input."""
-        return 2 * self.mixer_width if self.variant == "complex" else self.mixer_width
 
     def validate_parallel(self, tp_size: int) -> None:
         """Raise ConfigError unless `tp_size` tensor-parallel ranks can split this model evenly."""

@@ -37,6 +37,7 @@ from megatron.core.transformer.utils import (
 
 from hgrn_megatron import kernels
 from hgrn_megatron.hgru_ops import forget_gate, gated_input, gated_norm
+from hgrn_megatron.mixers.hgrn import hgru_features, hgru_width
 
 
 # ------------------------------------------------------------------------------------------ TP-aware norm
@@ -105,10 +106,10 @@ class HGRUOptions:
     scan_backend: str = "auto"  # passed to hgrn_scan
 
     def width(self, hidden_size: int) -> int:
-        return hidden_size if self.variant == "complex" else self.expand_ratio * hidden_size
+        return hgru_width(self.variant, self.expand_ratio, hidden_size)
 
     def features(self, hidden_size: int) -> int:
-        return 2 * hidden_size if self.variant == "complex" else self.expand_ratio * hidden_size
+        return hgru_features(self.variant, self.expand_ratio, hidden_size)
 
 
 class HGRU(MegatronModule):

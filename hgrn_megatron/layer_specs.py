@@ -1,11 +1,12 @@
-"""Layer specs: megatron-core's local GPT layer with the HGRU in the attention slot, or unchanged (baseline).
+"""Layer specs: megatron-core's local GPT layer, with a mixer in its `self_attention` slot.
 
-Both specs start from `get_gpt_layer_local_spec` (megatron-core modules only, no Transformer Engine), so an
-HGRN and its Transformer baseline share the block norms, the SwiGLU MLP, the residual bias-dropout-add and
-the initialisation; they differ only in the token mixer. The baseline's core attention (softmax(QKᵀ)V, after
-megatron's QKV projection and RoPE) is torch's `scaled_dot_product_attention` rather than megatron's local
-`DotProductAttention`, which allocates from a CUDA-only buffer and forks the CUDA RNG tracker: the math is
-the same, it runs on CPU, and on GPU it takes torch's fused kernels.
+Every mixer's layer starts from `get_gpt_layer_local_spec` (megatron-core modules only, no Transformer
+Engine), so an HGRN and its Transformer baseline share the block norms, the SwiGLU MLP, the residual
+bias-dropout-add and the initialisation; they differ only in the token mixer, which each mixer's description
+(`hgrn_megatron.mixers`) builds. The baseline's core attention (softmax(QKᵀ)V, after megatron's QKV projection
+and RoPE) is torch's `scaled_dot_product_attention` rather than megatron's local `DotProductAttention`, which
+allocates from a CUDA-only buffer and forks the CUDA RNG tracker: the math is the same, it runs on CPU, and on
+GPU it takes torch's fused kernels.
 """
 from __future__ import annotations
 
@@ -15,15 +16,14 @@ import math
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from hgrn_megatron.config import ModelConfig
-from hgrn_megatron.hgru import HGRU, HGRUOptions, HGRUSubmodules, TPFeatureNorm
+from hgrn_megatron.mixers import get_mixer
 
-_MEGATRON_NORM = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+MEGATRON_NORM = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}  # ModelConfig.norm -> megatron's normalization
 
 
 class SDPACoreAttention(MegatronModule):
@@ -64,9 +64,9 @@ class SDPACoreAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(s, b, self.local_projection)
 
 
-def attention_layer_spec(cfg: ModelConfig) -> ModuleSpec:
+def local_gpt_layer_spec(cfg: ModelConfig) -> ModuleSpec:
     """megatron-core's own local GPT layer: causal self-attention + SwiGLU MLP (the Transformer baseline)."""
-    spec = get_gpt_layer_local_spec(normalization=_MEGATRON_NORM[cfg.norm])
+    spec = get_gpt_layer_local_spec(normalization=MEGATRON_NORM[cfg.norm])
     attention = spec.submodules.self_attention
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
@@ -74,41 +74,19 @@ def attention_layer_spec(cfg: ModelConfig) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
-def hgru_mixer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """The HGRU with megatron's local column/row-parallel linears."""
-    return ModuleSpec(
-        module=HGRU,
-        params={
-            "options": HGRUOptions(
-                variant=cfg.variant,
-                expand_ratio=cfg.expand_ratio,
-                mixer_norm=cfg.mixer_norm,
-                scan_backend=cfg.scan_backend,
-            )
-        },
-        submodules=HGRUSubmodules(
-            linear_in=ColumnParallelLinear,
-            linear_forget=ColumnParallelLinear,
-            linear_gate=ColumnParallelLinear if cfg.output_gate else None,
-            linear_out=RowParallelLinear,
-            norm=TPFeatureNorm,
-        ),
-    )
-
-
-def hgrn_layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """megatron's local GPT layer with its self-attention replaced by the HGRU; everything else kept."""
-    base = attention_layer_spec(cfg)
+def layer_with_mixer(cfg: ModelConfig, mixer: ModuleSpec) -> ModuleSpec:
+    """megatron's local GPT layer with `mixer` in place of its self-attention; everything else kept."""
+    base = local_gpt_layer_spec(cfg)
     submodules = dataclasses.replace(
         base.submodules,
-        self_attention=hgru_mixer_spec(cfg),
+        self_attention=mixer,
         # The local spec renames the block norms' checkpoint keys to Transformer Engine's fused
-        # `self_attention.linear_qkv.layer_norm_*`; an HGRU has no linear_qkv, so keep the plain names.
+        # `self_attention.linear_qkv.layer_norm_*`; another mixer has no linear_qkv, so keep the plain names.
         sharded_state_dict_keys_map={},
     )
     return dataclasses.replace(base, submodules=submodules)
 
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """The transformer-layer spec for `cfg.mixer`."""
-    return hgrn_layer_spec(cfg) if cfg.mixer == "hgrn" else attention_layer_spec(cfg)
+    """The transformer-layer spec for `cfg.mixer`, from its description."""
+    return get_mixer(cfg.mixer).layer_spec(cfg)

@@ -3,8 +3,10 @@
 megatron-core does what it already does well: the vocab-parallel embedding, the layer stack (norms, SwiGLU
 MLP, residuals), the vocab-parallel LM head and cross entropy, initialisation and sharded state dicts.
 `HGRNModel` adds the one thing a stack of independent layers cannot hold: the lower bounds γ of HGRN §3.2,
-one `[num_layers, channels]` table whose softmax over layers is shared by every layer. With `mixer:
-attention` the same class is the Transformer baseline (megatron's local attention, RoPE).
+one `[num_layers, channels]` table whose softmax over layers is shared by every layer. The mixer is any
+registered in `hgrn_megatron.mixers`; its description gives the layer spec, the position embedding, whether
+the table exists and how document starts reach it. With `mixer: attention` the same class is the Transformer
+baseline (megatron's local attention, RoPE).
 
     model = build_model(cfg, padded_vocab_size)          # needs megatron parallel_state initialised
     loss = model(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1])   # [b, s] fp32
@@ -25,8 +27,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from hgrn_megatron.config import ModelConfig
-from hgrn_megatron.hgru import HGRU
-from hgrn_megatron.layer_specs import layer_spec
+from hgrn_megatron.layer_specs import MEGATRON_NORM, layer_spec
+from hgrn_megatron.mixers import get_mixer
 
 
 def transformer_config_from(
@@ -49,7 +51,7 @@ def transformer_config_from(
         ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         tensor_model_parallel_size=tp_size,
-        normalization={"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[cfg.norm],
+        normalization=MEGATRON_NORM[cfg.norm],
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,  # SwiGLU (Shazeer 2020), as in the HGRN LMs
         activation_func=F.silu,
@@ -126,24 +128,26 @@ class HostRotaryEmbedding(RotaryEmbedding):
 
 
 class HGRNModel(GPTModel):
-    """GPTModel with HGRU mixers (or attention), the lower-bound table and a `doc_start` input."""
+    """GPTModel with HGRU mixers (or another registered mixer), the lower-bound table and a `doc_start` input."""
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, vocab_size: int, **kwargs):
+        mixer = get_mixer(model_cfg.mixer)
         super().__init__(
             config=config,
             transformer_layer_spec=layer_spec(model_cfg),
             vocab_size=vocab_size,
             max_sequence_length=model_cfg.seq_length,
             share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
-            position_embedding_type="rope" if model_cfg.mixer == "attention" else "none",
+            position_embedding_type=mixer.position_embedding,
             rotary_base=model_cfg.rotary_base,
             **kwargs,
         )
-        self.model_cfg = model_cfg
+        self.model_cfg, self.mixer_spec = model_cfg, mixer
         if hasattr(self, "rotary_pos_emb") and not torch.cuda.is_available():
             self.rotary_pos_emb.__class__ = HostRotaryEmbedding  # same state, CPU-safe table construction
-        if model_cfg.mixer == "hgrn" and model_cfg.use_lower_bound:
-            self.lower_bounds = LayerLowerBounds(config, model_cfg.num_layers, model_cfg.mixer_width, self.tp_group)
+        channels = mixer.lower_bound_channels(model_cfg)
+        if channels:
+            self.lower_bounds = LayerLowerBounds(config, model_cfg.num_layers, channels, self.tp_group)
             for layer in self.decoder.layers:
                 layer.self_attention.attach_lower_bounds(self.lower_bounds)
         else:
@@ -157,13 +161,15 @@ class HGRNModel(GPTModel):
         `doc_start` bool `[b, s]`: True where token t starts a new document; used only when the config has
         `reset_at_document_boundary`. The document structure reaches the mixers through megatron's
         `attention_mask` argument, which GPTModel hands unchanged to every layer's mixer, also through
-        megatron's activation-recompute path, so it is a real argument and never hidden module state:
-        - HGRU: the reset mask itself, bool `[b, s]` (None: one stream per sequence);
-        - attention: None (causal), or when resetting megatron's boolean mask `[b, 1, s, s]` (True = masked),
+        megatron's activation-recompute path, so it is a real argument and never hidden module state. Its form
+        is the mixer's `document_mask`:
+        - "reset" (HGRU): the reset mask itself, bool `[b, s]` (None: one stream per sequence);
+        - "attention": None (causal), or when resetting megatron's boolean mask `[b, 1, s, s]` (True = masked),
           causal and block-diagonal over documents.
         """
-        if self.model_cfg.mixer == "hgrn" and attention_mask is not None:
-            raise ValueError("HGRNModel: an HGRU has no attention mask; pass doc_start for document resets")
+        if self.mixer_spec.document_mask == "reset" and attention_mask is not None:
+            raise ValueError(f"HGRNModel: the {self.model_cfg.mixer!r} mixer has no attention mask; "
+                             "pass doc_start for document resets")
         mask = self.mixer_mask(input_ids, doc_start) if attention_mask is None else attention_mask
         return super().forward(input_ids, position_ids, mask, decoder_input=decoder_input, labels=labels, **kwargs)
 
@@ -177,8 +183,8 @@ class HGRNModel(GPTModel):
                 f"got {doc_start.dtype} {tuple(doc_start.shape)}"
             )
         if not resetting:
-            return None  # HGRU: one stream per sequence; attention: plain causal
-        if self.model_cfg.mixer == "hgrn":
+            return None  # reset: one stream per sequence; attention: plain causal
+        if self.mixer_spec.document_mask == "reset":
             return doc_start
         document = doc_start.long().cumsum(dim=1)  # document index of every token
         future = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(diagonal=1)
@@ -231,8 +237,3 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     2-D but is a set of gate offsets, not a weight matrix.
     """
     return param.ndim < 2 or name.endswith("lower_bounds.table")
-
-
-def mixers_of(model: torch.nn.Module) -> list[HGRU]:
-    """The HGRU mixers of a model (empty for the attention baseline)."""
-    return [m for m in model.modules() if isinstance(m, HGRU)]

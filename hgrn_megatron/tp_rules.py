@@ -2,54 +2,37 @@
 
 Keys are megatron state-dict names (as `HGRNModel.state_dict()` writes them, and as DeepSpeed stores them
 under `module` in `mp_rank_XX_model_states.pt`). Used to build TP = N shards from a TP = 1 model in the tests,
-and to merge TP shards into one model for the Hugging Face exporter.
-
-Rules:
-- column: split dim 0 (output features of a column-parallel linear); `stride=2` for the SwiGLU fc1, whose
-  full weight is [gate; up] and whose rank r holds [gate_r; up_r] (megatron's `stride` argument);
-- row: split dim 1 (input features of a row-parallel linear);
-- vocab: split dim 0 of the padded vocabulary (embedding, LM head);
-- channel: per-channel HGRU vectors/tables split along their channel axis (θ, mixer norm, lower bounds);
-- replicated: every rank holds the whole tensor (block norms, row-parallel biases).
+to merge TP shards into one model for the Hugging Face exporter, and to merge a checkpoint for a TP change on
+resume. The kinds of split are those of `hgrn_megatron.partition`; each mixer's own parameters come from its
+description (`MixerSpec.tp_rules`, relative to the layer's `self_attention` slot).
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class PartitionRule:
-    kind: str  # column | row | vocab | channel | replicated
-    dim: int | None = None  # the split axis (None when replicated)
-    stride: int = 1  # contiguous blocks per rank: rank r holds blocks r, r + tp, r + 2·tp, ...
-
-
-COLUMN = PartitionRule("column", 0)
-COLUMN_GLU = PartitionRule("column", 0, stride=2)
-ROW = PartitionRule("row", 1)
-VOCAB = PartitionRule("vocab", 0)
-CHANNEL = PartitionRule("channel", 0)
-CHANNEL_OF_TABLE = PartitionRule("channel", 1)
-REPLICATED = PartitionRule("replicated")
+from hgrn_megatron.mixers import MIXERS
+from hgrn_megatron.partition import (  # noqa: F401  the kinds are part of this module's interface
+    CHANNEL,
+    CHANNEL_OF_TABLE,
+    COLUMN,
+    COLUMN_GLU,
+    REPLICATED,
+    ROW,
+    VOCAB,
+    PartitionRule,
+)
 
 _LAYER = r"decoder\.layers\.\d+\."
-TP_RULES: list[tuple[str, PartitionRule]] = [
+MIXER_SLOT = _LAYER + r"self_attention\."  # what every mixer's tp_rules patterns are relative to
+MODEL_RULES: list[tuple[str, PartitionRule]] = [
     (r"embedding\.word_embeddings\.weight", VOCAB),
     (r"output_layer\.weight", VOCAB),
     (r"lower_bounds\.table", CHANNEL_OF_TABLE),  # [num_layers, channels]
-    # HGRU mixer
-    (_LAYER + r"self_attention\.linear_(in|forget|gate)\.(weight|bias)", COLUMN),
-    (_LAYER + r"self_attention\.(theta|norm\.weight|norm\.bias)", CHANNEL),
-    (_LAYER + r"self_attention\.linear_out\.weight", ROW),
-    (_LAYER + r"self_attention\.linear_out\.bias", REPLICATED),
-    # attention baseline (megatron's QKV weight is grouped per head, so a contiguous split gives whole heads)
-    (_LAYER + r"self_attention\.linear_qkv\.(weight|bias)", COLUMN),
-    (_LAYER + r"self_attention\.linear_proj\.weight", ROW),
-    (_LAYER + r"self_attention\.linear_proj\.bias", REPLICATED),
+]
+BLOCK_RULES: list[tuple[str, PartitionRule]] = [
     # SwiGLU MLP
     (_LAYER + r"mlp\.linear_fc1\.(weight|bias)", COLUMN_GLU),
     (_LAYER + r"mlp\.linear_fc2\.weight", ROW),
@@ -58,16 +41,31 @@ TP_RULES: list[tuple[str, PartitionRule]] = [
     (_LAYER + r"(input_layernorm|pre_mlp_layernorm)\.(weight|bias)", REPLICATED),
     (r"decoder\.final_layernorm\.(weight|bias)", REPLICATED),
 ]
-_COMPILED = [(re.compile(pattern), rule) for pattern, rule in TP_RULES]
 EXTRA_STATE_SUFFIX = "_extra_state"  # megatron/TE bookkeeping entries (None or bytes); passed through
 
 
+def partition_table() -> list[tuple[str, PartitionRule]]:
+    """Every rule: the model's, each registered mixer's (under the mixer slot), the MLP's and the norms'.
+
+    Read from the registry at each call, so a mixer registered later is covered.
+    """
+    mixer_rules = [(MIXER_SLOT + pattern, rule) for spec in MIXERS.values() for pattern, rule in spec.tp_rules]
+    return MODEL_RULES + mixer_rules + BLOCK_RULES
+
+
 def rule_for(name: str) -> PartitionRule:
-    """The partition rule of state-dict entry `name`; KeyError if the table does not know it."""
-    for pattern, rule in _COMPILED:
-        if pattern.fullmatch(name):
-            return rule
-    raise KeyError(f"tp_rules: no partition rule for parameter '{name}' (add it to TP_RULES)")
+    """The partition rule of state-dict entry `name`; KeyError if the table does not know it.
+
+    Two mixers may name a parameter alike (`linear_out.weight`) only if they split it alike: a name whose
+    matching rules disagree is an error, never a silent first match.
+    """
+    rules = {rule for pattern, rule in partition_table() if re.fullmatch(pattern, name)}  # re caches patterns
+    if len(rules) > 1:
+        raise ValueError(f"tp_rules: parameter '{name}' matches rules that disagree: {sorted(map(repr, rules))}")
+    if not rules:
+        raise KeyError(f"tp_rules: no partition rule for parameter '{name}' (a mixer's own parameters are in "
+                       "its MixerSpec.tp_rules; the rest in hgrn_megatron.tp_rules)")
+    return rules.pop()
 
 
 def split_tensor(tensor: torch.Tensor, rule: PartitionRule, tp_size: int, tp_rank: int, name: str = "") -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hgrn_megatron.export.checkpoint_reader import ExportError
+from hgrn_megatron.mixers import MIXERS
 
 # megatron name (TP-merged, layer index as group 1) -> exported name; None drops the entry.
 NATIVE_NAME_MAP: list[tuple[str, str | None]] = [
@@ -37,9 +38,11 @@ _VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 def hf_config_dict(model_cfg: dict[str, Any], vocab_size: int, special_ids: dict[str, int | None]) -> dict[str, Any]:
     """`HGRNConfig` keyword arguments for a framework `ModelConfig` (as a dict) and the real vocabulary."""
-    if model_cfg.get("mixer", "hgrn") != "hgrn":
-        raise ExportError(f"model.mixer={model_cfg['mixer']!r}: only HGRN models can be exported "
-                          "(the attention baseline has no exported architecture)")
+    mixer = model_cfg.get("mixer", "hgrn")
+    if mixer not in MIXERS or not MIXERS[mixer].hf_export:
+        exportable = ", ".join(name for name, spec in MIXERS.items() if spec.hf_export)
+        raise ExportError(f"model.mixer={mixer!r}: only models with mixer {exportable} can be exported "
+                          "(this mixer has no exported architecture)")
     return {
         "vocab_size": vocab_size,
         "hidden_size": model_cfg["hidden_size"],

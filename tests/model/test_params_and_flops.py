@@ -7,7 +7,7 @@ from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.flops import count_parameters, flops_per_token, forward_flops_per_token, matmul_flops_per_token
 from hgrn_megatron.presets import PRESETS, REFERENCE_VOCAB_SIZE
 from hgrn_megatron.testing.distributed import run_distributed
-from tests.model.model_harness import VOCAB, batch, build, init_model_parallel, tiny_config
+from tests.model.model_harness import VOCAB, init_model_parallel, measured_matmul_flops, tiny_config
 
 # Presets as they are, plus the switches that change the parameter set.
 ABLATIONS = {
@@ -38,26 +38,13 @@ def test_parameter_count_analytic_equals_built_for_every_preset():
     assert 1.0 < billions["hgrn-1b"] < 1.1 and 2.9 < billions["hgrn-3b"] < 3.1 and 6.9 < billions["hgrn-7b"] < 7.1
 
 
-def _measured_matmul_flops(cfg, b, s):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    init_model_parallel()
-    model = build(cfg)
-    ids, labels, doc_start = batch(b=b, s=s, doc_starts=(0, s // 2))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(ids, labels=labels, doc_start=doc_start).sum().backward()
-    # Linear layers run as aten.mm/addmm; attention scores (and any batched matmul inside a scan) do not.
-    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("overrides", [dict(), dict(variant="real", expand_ratio=2, output_gate=False),
                                        dict(mixer="attention")], ids=["complex", "real", "attention"])
 def test_matmul_flops_match_torch_flop_counter(overrides):
     cfg = tiny_config(reset_at_document_boundary=True, **overrides)
     b, s = 2, 16
-    measured = run_distributed(_measured_matmul_flops, world_size=1, args=(cfg, b, s), timeout=120)[0]
+    measured = run_distributed(measured_matmul_flops, world_size=1, args=(cfg, b, s), timeout=120)[0]
     analytic = matmul_flops_per_token(cfg, VOCAB, s) * b * s
     if cfg.mixer == "attention":  # counted separately: torch's CPU attention kernel is not a mm
         analytic -= 3 * forward_flops_per_token(cfg, VOCAB, s)["attention_scores"] * b * s
