@@ -1,0 +1,122 @@
+"""Context parallelism of the HGRN scan: a sequence split over CP ranks, passing only recurrent states, computes
+what one rank computes over the whole sequence: outputs, final state and every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hgrn_megatron import kernels
+from hgrn_megatron.testing.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+FP32_ROUNDING = 2e-5  # relative to each tensor's largest entry
+
+
+def _inputs(complex_mode: bool, T: int, B: int = 2, D: int = 8, resets=(), seed: int = 0):
+    """x, g, θ, h0, reset (resets in row 0 only: row 1 is one stream) and the loss weights of h and h_last."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (B, T, D, 2) if complex_mode else (B, T, D)
+    x = torch.randn(shape, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, D, generator=gen) + 3.0)  # decays near 1: states carry far
+    theta = torch.rand(D, generator=gen) if complex_mode else None
+    h0 = torch.randn((B, D, 2) if complex_mode else (B, D), generator=gen)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[0, list(resets)] = True
+    w_h, w_last = torch.randn(shape, generator=gen), torch.randn(h0.shape, generator=gen)
+    return x, g, theta, h0, reset, w_h, w_last
+
+
+def _leaves(tensors):
+    return [t.clone().requires_grad_(True) if t is not None else None for t in tensors]
+
+
+def _single_rank(complex_mode, T, resets, backend):
+    x, g, theta, h0, reset, w_h, w_last = _inputs(complex_mode, T, resets=resets)
+    x, g, theta, h0 = _leaves((x, g, theta, h0))
+    h, last = kernels.hgrn_scan(x, g, theta=theta, initial_state=h0, reset=reset, output_final_state=True,
+                                backend=backend)
+    ((h * w_h).sum() + (last * w_last).sum()).backward()
+    return {"h": h.detach(), "last": last.detach(), "x": x.grad, "g": g.grad, "h0": h0.grad,
+            "theta": theta.grad if theta is not None else None}
+
+
+def _cp_rank(complex_mode, T, resets, backend):
+    """This rank's piece: outputs, its outgoing state and its gradients (θ's is this piece's share)."""
+    import torch.distributed as dist
+
+    from hgrn_megatron.context_parallel import context_parallel_scan
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, g, theta, h0, reset, w_h, w_last = _inputs(complex_mode, T, resets=resets)
+    piece = slice(rank * T // world, (rank + 1) * T // world)
+    x, g, w_h, reset = x[:, piece], g[:, piece], w_h[:, piece], reset[:, piece]
+    x, g, theta, h0 = _leaves((x, g, theta, h0))
+    h, last = context_parallel_scan(x, g, theta=theta, initial_state=h0, reset=reset, group=dist.group.WORLD,
+                                    backend=backend, output_final_state=True)
+    loss = (h * w_h).sum()
+    if rank == world - 1:
+        loss = loss + (last * w_last).sum()  # the sequence's final state lives on the last rank
+    loss.backward()
+    return {"h": h.detach(), "last": last.detach(), "x": x.grad, "g": g.grad, "h0": h0.grad,
+            "theta": theta.grad if theta is not None else None}
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _check(world, complex_mode, T, resets, backend="auto"):
+    ref = _single_rank(complex_mode, T, resets, backend)
+    ranks = run_distributed(_cp_rank, world_size=world, args=(complex_mode, T, resets, backend), timeout=120)
+    for key in ("h", "x", "g"):
+        assert _rel(torch.cat([r[key] for r in ranks], dim=1), ref[key]) < FP32_ROUNDING, key
+    assert _rel(ranks[-1]["last"], ref["last"]) < FP32_ROUNDING
+    assert _rel(ranks[0]["h0"], ref["h0"]) < FP32_ROUNDING
+    assert all(r["h0"] is None for r in ranks[1:])  # the initial state is the first piece's alone
+    if complex_mode:
+        assert _rel(sum(r["theta"] for r in ranks), ref["theta"]) < FP32_ROUNDING
+    # The carry matters: a later piece scanned from zero would be far off (so the comparison can fail).
+    x, g, theta, _, reset, _, _ = _inputs(complex_mode, T, resets=resets)
+    later = slice(T // world, 2 * T // world)
+    alone = kernels.hgrn_scan(x[:, later], g[:, later], theta=theta, reset=reset[:, later])[0]
+    assert _rel(alone, ref["h"][:, later]) > 1e-2
+    return ranks
+
+
+@pytest.mark.parametrize("complex_mode", [True, False], ids=["complex", "real"])
+def test_cp2_matches_one_rank_with_resets_inside_and_at_the_boundary(complex_mode):
+    _check(2, complex_mode, T=64, resets=(0, 13, 32))  # 32: the first token of the second piece
+
+
+@pytest.mark.parametrize("complex_mode", [True, False], ids=["complex", "real"])
+def test_cp4_matches_one_rank(complex_mode):
+    # piece 1 (16..31) has no reset, piece 2 starts with one, piece 3 has one inside.
+    _check(4, complex_mode, T=64, resets=(5, 32, 50))
+
+
+def test_cp2_torch_backend():
+    _check(2, True, T=64, resets=(20,), backend="torch")
+
+
+def _exchanged_bytes(T):
+    import torch.distributed as dist
+
+    from hgrn_megatron.context_parallel import context_parallel_scan, exchange_counter
+
+    x, g, theta, _, reset, _, _ = _inputs(True, T, B=2, D=16)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    piece = slice(rank * T // world, (rank + 1) * T // world)
+    x, g, theta = _leaves((x[:, piece], g[:, piece], theta))
+    exchange_counter.reset()
+    h, _ = context_parallel_scan(x, g, theta=theta, reset=reset[:, piece], group=dist.group.WORLD)
+    h.sum().backward()
+    return exchange_counter.calls, exchange_counter.bytes
+
+
+def test_bytes_exchanged_do_not_grow_with_sequence_length():
+    short = run_distributed(_exchanged_bytes, world_size=2, args=(1024,), timeout=120)
+    long = run_distributed(_exchanged_bytes, world_size=2, args=(16384,), timeout=120)
+    assert short == long
+    # Forward: (A, S) of each rank; backward: one state per rank. B = 2, D = 16, complex (2 floats), fp32.
+    state = 2 * 16 * 2 * 4
+    assert short[0] == (2, 2 * 2 * state + 2 * state)
