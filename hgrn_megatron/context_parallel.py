@@ -176,3 +176,14 @@ def _piece_grads(h, outgoing, inputs, dh, doutgoing, retain):
         outputs.append(outgoing)
         grads.append(doutgoing)
     return torch.autograd.grad(outputs, inputs, grads, retain_graph=retain, allow_unused=True)
+
+
+def sequence_piece(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """This CP rank's contiguous piece of `t` along `dim` (the sequence axis; `[b, s]` tensors by default)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if t.shape[dim] % world:
+        raise ValueError(f"context parallelism: a sequence of {t.shape[dim]} tokens does not split into {world} "
+                         "equal pieces (make seq_length a multiple of the context-parallel size)")
+    return t.narrow(dim, rank * (t.shape[dim] // world), t.shape[dim] // world)

@@ -120,3 +120,54 @@ def test_bytes_exchanged_do_not_grow_with_sequence_length():
     # Forward: (A, S) of each rank; backward: one state per rank. B = 2, D = 16, complex (2 floats), fp32.
     state = 2 * 16 * 2 * 4
     assert short[0] == (2, 2 * 2 * state + 2 * state)
+
+
+# ------------------------------------------------------------------------------------------ the model
+VARIANTS = {
+    "complex": dict(variant="complex", reset_at_document_boundary=True, add_bias_linear=True),
+    "real": dict(variant="real", expand_ratio=2, mixer_norm="rmsnorm", output_gate=False,
+                 share_embeddings_and_output_weights=True, reset_at_document_boundary=True),
+}
+
+
+def _compare_models(ref, ranks, tp):
+    from hgrn_megatron.tp_rules import merge_state_dicts
+    from tests.model.model_harness import max_rel_diff
+
+    by_cp = {}
+    for r in ranks:
+        by_cp.setdefault(r["cp_rank"], []).append(r)
+    pieces = [sorted(by_cp[c], key=lambda r: r["tp_rank"]) for c in sorted(by_cp)]
+    logits = torch.cat([torch.cat([r["logits"] for r in piece], dim=-1) for piece in pieces], dim=1)
+    assert logits.shape == ref["logits"].shape
+    assert max_rel_diff(logits, ref["logits"]) < FP32_ROUNDING
+    loss = torch.cat([piece[0]["loss"] for piece in pieces], dim=1)
+    assert max_rel_diff(loss, ref["loss"]) < FP32_ROUNDING
+    for piece in pieces:
+        grads = merge_state_dicts([r["grads"] for r in piece], replicated_atol=1e-7) if tp > 1 else piece[0]["grads"]
+        assert grads.keys() == ref["grads"].keys()
+        for key, grad in ref["grads"].items():
+            assert grad.abs().max() > 0, f"{key}: zero gradient at CP 1 (the comparison would prove nothing)"
+            assert max_rel_diff(grads[key], grad) < FP32_ROUNDING, key
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_model_cp2_matches_cp1(name):
+    from tests.model.cp_harness import forward_backward
+    from tests.model.model_harness import tiny_config
+
+    cfg = tiny_config(**VARIANTS[name])
+    ref = run_distributed(forward_backward, world_size=1, args=(cfg, 1, 1), timeout=120)[0]
+    ranks = run_distributed(forward_backward, world_size=2, args=(cfg, 1, 2), timeout=120)
+    _compare_models(ref, ranks, tp=1)
+
+
+@pytest.mark.slow
+def test_model_tp2_cp2_matches_tp1_cp1():
+    from tests.model.cp_harness import forward_backward
+    from tests.model.model_harness import tiny_config
+
+    cfg = tiny_config(**VARIANTS["complex"])
+    ref = run_distributed(forward_backward, world_size=1, args=(cfg, 1, 1), timeout=120)[0]
+    ranks = run_distributed(forward_backward, world_size=4, args=(cfg, 2, 2, ref["state"]), timeout=240)
+    _compare_models(ref, ranks, tp=2)
