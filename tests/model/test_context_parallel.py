@@ -171,3 +171,19 @@ def test_model_tp2_cp2_matches_tp1_cp1():
     ref = run_distributed(forward_backward, world_size=1, args=(cfg, 1, 1), timeout=120)[0]
     ranks = run_distributed(forward_backward, world_size=4, args=(cfg, 2, 2, ref["state"]), timeout=240)
     _compare_models(ref, ranks, tp=2)
+
+
+def _build_attention_at_cp2():
+    from megatron.core import parallel_state
+
+    from tests.model.model_harness import build, tiny_config
+
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    build(tiny_config(mixer="attention"))
+
+
+def test_attention_refuses_context_parallelism():
+    from hgrn_megatron.testing.distributed import DistributedTestError
+
+    with pytest.raises(DistributedTestError, match="context parallelism needs the HGRU mixer"):
+        run_distributed(_build_attention_at_cp2, world_size=2, timeout=120)
