@@ -187,3 +187,34 @@ def test_attention_refuses_context_parallelism():
 
     with pytest.raises(DistributedTestError, match="context parallelism needs the HGRU mixer"):
         run_distributed(_build_attention_at_cp2, world_size=2, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------ long sequences
+def _cp_benchmark(seq, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "cp.json"
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "context_parallel.py"), "--seq", str(seq),
+                             "--json", str(out)], cwd=repo, capture_output=True, text=True, timeout=1800, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    cp1, cp2 = json.loads(out.read_text())["rows"]
+    assert (cp1["cp"], cp2["cp"]) == (1, 2)
+    assert cp2["loss"] == pytest.approx(cp1["loss"], rel=1e-5)
+    assert cp2["grad_norm"] == pytest.approx(cp1["grad_norm"], rel=1e-4)
+    # Everything a layer saves is per token: each CP 2 rank keeps half of what the one CP 1 rank keeps.
+    assert cp2["saved_bytes"] == pytest.approx(cp1["saved_bytes"] / 2, rel=0.02)
+    assert cp2["exchanged_bytes"] > 0 and cp1["exchanged_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_context_parallel_benchmark_runs(tmp_path):
+    _cp_benchmark(2048, tmp_path)
+
+
+@pytest.mark.heavy
+def test_65536_token_sequence_trains_at_cp2_with_half_the_activations_per_rank(tmp_path):
+    _cp_benchmark(65536, tmp_path)
