@@ -89,7 +89,7 @@ class _ContextParallelScan(torch.autograd.Function):
     """See the module docstring. Inputs in `hgrn_scan`'s layout; returns (h, outgoing state)."""
 
     @staticmethod
-    def forward(ctx, x, g, theta, initial_state, reset, group, backend):
+    def forward(ctx, x, g, theta, initial_state, reset, group, backend, build_graph):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         complex_mode = theta is not None
         state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -99,7 +99,7 @@ class _ContextParallelScan(torch.autograd.Function):
                   for t in (x, g, theta, initial_state)]
         if rank == 0:
             incoming = leaves[3]
-            with torch.enable_grad():  # this piece already starts from the true state: its only scan
+            with torch.set_grad_enabled(build_graph):  # this piece starts from the true state: its only scan
                 h, outgoing = kernels.hgrn_scan(leaves[0], leaves[1], **{**scan, "theta": leaves[2]},
                                                 initial_state=incoming)
             local_final = outgoing.detach()
@@ -114,11 +114,11 @@ class _ContextParallelScan(torch.autograd.Function):
             incoming = gathered[0, 1]
             for q in range(1, rank):
                 incoming = _mul(gathered[q, 0], incoming, complex_mode) + gathered[q, 1]
-            incoming = incoming.detach().requires_grad_(True)
-            with torch.enable_grad():
+            incoming = incoming.detach().requires_grad_(build_graph)
+            with torch.set_grad_enabled(build_graph):
                 h, outgoing = kernels.hgrn_scan(leaves[0], leaves[1], **{**scan, "theta": leaves[2]},
                                                 initial_state=incoming)
-        ctx.inner = (h, outgoing, leaves, incoming)
+        ctx.inner = (h, outgoing, leaves, incoming) if build_graph else None
         ctx.decays = gathered[:, 0]
         ctx.rank, ctx.world, ctx.group, ctx.complex_mode = rank, world, group, complex_mode
         return h.detach(), outgoing.detach()
@@ -147,7 +147,7 @@ class _ContextParallelScan(torch.autograd.Function):
             total = following if doutgoing is None else following + doutgoing
             grads = _piece_grads(h, outgoing, wanted, dh, total, retain=False) if wanted else []
         found = dict(zip(map(id, wanted), grads))
-        return (*(found.get(id(t)) if t is not None else None for t in leaves), None, None, None)
+        return (*(found.get(id(t)) if t is not None else None for t in leaves), None, None, None, None)
 
 
 def context_parallel_scan(x, g, *, theta=None, initial_state=None, reset=None, group=None, backend="auto",
@@ -165,7 +165,10 @@ def context_parallel_scan(x, g, *, theta=None, initial_state=None, reset=None, g
                                  output_final_state=output_final_state, check_values=False)
     if dist.get_rank(group) > 0:
         initial_state = None
-    h, final = _ContextParallelScan.apply(x, g, theta, initial_state, reset, group, backend)
+    # Without autograd (evaluation, or the first pass of activation recompute) no inner graph is built.
+    build_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, g, theta, initial_state))
+    h, final = _ContextParallelScan.apply(x, g, theta, initial_state, reset, group, backend, build_graph)
     return h, (final if output_final_state else None)
 
 

@@ -35,7 +35,8 @@ def forward_backward(cfg, tp: int, cp: int, full_state=None):
         model.load_state_dict(split_state_dict(full_state, tp, parallel_state.get_tensor_model_parallel_rank()),
                               strict=False)
     ids, labels, doc_start = (sequence_piece(t, group) for t in cp_batch())
-    logits = model(ids, doc_start=doc_start)
+    with torch.no_grad():
+        logits = model(ids, doc_start=doc_start)  # evaluation: the exchange runs without autograd
     loss = model(ids, labels=labels, doc_start=doc_start)
     weights = sequence_piece(torch.linspace(0.5, 1.5, 2 * SEQ).view(2, SEQ), group)
     tokens = torch.tensor(float(loss.numel()))

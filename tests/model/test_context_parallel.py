@@ -162,7 +162,18 @@ def test_model_cp2_matches_cp1(name):
     _compare_models(ref, ranks, tp=1)
 
 
-@pytest.mark.slow
+def test_model_cp2_with_activation_recompute_matches_cp1():
+    """megatron's full recompute reruns each layer's forward, exchange included, inside the backward pass."""
+    from tests.model.cp_harness import forward_backward
+    from tests.model.model_harness import tiny_config
+
+    cfg = tiny_config(**VARIANTS["complex"], recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    ref = run_distributed(forward_backward, world_size=1, args=(cfg, 1, 1), timeout=120)[0]
+    ranks = run_distributed(forward_backward, world_size=2, args=(cfg, 1, 2), timeout=120)
+    _compare_models(ref, ranks, tp=1)
+
+
 def test_model_tp2_cp2_matches_tp1_cp1():
     from tests.model.cp_harness import forward_backward
     from tests.model.model_harness import tiny_config
