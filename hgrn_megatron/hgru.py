@@ -17,6 +17,10 @@ To make contiguous column splits line up with channels, every 2·d-wide tensor i
 2·d features is invariant to that permutation, so the model is the authors' up to a fixed relabelling of the
 W_i / W_g / W_o / norm rows. The norm's statistics span every rank's features: they are all-reduced in the
 forward *and* the backward pass (`hgru_ops.gated_norm`).
+
+Context parallelism: with a CP group of more than one rank, each rank holds a contiguous piece of every
+sequence and the scan takes the recurrent state the earlier pieces hand over (`context_parallel.py`);
+everything else in the layer is token-local.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from hgrn_megatron import kernels
+from hgrn_megatron.context_parallel import context_parallel_scan
 from hgrn_megatron.hgru_ops import forget_gate, gated_input, gated_norm
 from hgrn_megatron.mixers.hgrn import hgru_features, hgru_width
 
@@ -137,6 +141,10 @@ class HGRU(MegatronModule):
         self.tp_group = pg_collection.tp if pg_collection is not None else (
             parallel_state.get_tensor_model_parallel_group())
         tp = dist.get_world_size(self.tp_group)
+        # Context parallelism: this rank holds one contiguous piece of each sequence (`context_parallel.py`).
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else (
+            parallel_state.get_context_parallel_group(check_initialized=False))
+        self.cp_group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
         d = config.hidden_size
         self.width, self.features = options.width(d), options.features(d)
         if self.width % tp:
@@ -207,14 +215,15 @@ class HGRU(MegatronModule):
         if self.theta is not None:
             x = x.view(b, s, self.local_width, 2)
         # `forget_gate` guarantees log λ <= 0, so the scan's value check (a pass over the gate) is skipped; a
-        # NaN reaches the loss, where the trainer's non-finite check skips the step.
-        h, _ = kernels.hgrn_scan(
+        # NaN reaches the loss, where the trainer's non-finite check skips the step. Under context parallelism
+        # the scan starts from the state the earlier pieces hand over (without a CP group: `hgrn_scan`).
+        h, _ = context_parallel_scan(
             x,
             log_lambda,
             theta=None if self.theta is None else self.theta.float(),
             reset=reset,
+            group=self.cp_group,
             backend=self.options.scan_backend,
-            check_values=False,
         )
         h = h.reshape(b, s, -1)  # [b, s, features/tp], channel-major (re, im)
 

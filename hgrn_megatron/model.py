@@ -26,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+from hgrn_megatron.chunked_loss import chunked_cross_entropy
 from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.layer_specs import MEGATRON_NORM, layer_spec
 from hgrn_megatron.mixers import get_mixer
@@ -128,7 +129,14 @@ class HostRotaryEmbedding(RotaryEmbedding):
 
 
 class HGRNModel(GPTModel):
-    """GPTModel with HGRU mixers (or another registered mixer), the lower-bound table and a `doc_start` input."""
+    """GPTModel with HGRU mixers (or another registered mixer), the lower-bound table and a `doc_start` input.
+
+    `loss_chunk_tokens` (None: megatron's full logits): with labels, compute the LM head and the loss that many
+    tokens at a time, recomputing the logits in the backward pass (`chunked_loss.py`); the same loss and
+    gradients without the fp32 logits in memory. Taken from `ModelConfig.loss_chunk_tokens` where it exists.
+    """
+
+    loss_chunk_tokens: int | None = None
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, vocab_size: int, **kwargs):
         mixer = get_mixer(model_cfg.mixer)
@@ -143,6 +151,10 @@ class HGRNModel(GPTModel):
             **kwargs,
         )
         self.model_cfg, self.mixer_spec = model_cfg, mixer
+        self.loss_chunk_tokens = getattr(model_cfg, "loss_chunk_tokens", None)
+        if not mixer.context_parallel and self.cp_group.size() > 1:
+            raise ValueError(f"HGRNModel: the {mixer.title} mixer does not support context parallelism (it would "
+                             "see only its own rank's piece of the sequence)")
         if hasattr(self, "rotary_pos_emb") and not torch.cuda.is_available():
             self.rotary_pos_emb.__class__ = HostRotaryEmbedding  # same state, CPU-safe table construction
         channels = mixer.lower_bound_channels(model_cfg)
@@ -172,6 +184,18 @@ class HGRNModel(GPTModel):
                              "pass doc_start for document resets")
         mask = self.mixer_mask(input_ids, doc_start) if attention_mask is None else attention_mask
         return super().forward(input_ids, position_ids, mask, decoder_input=decoder_input, labels=labels, **kwargs)
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """megatron's output layer and loss, or with `loss_chunk_tokens` set (training with labels) the chunked
+        loss, which never holds the whole sequence's logits."""
+        plain = (labels is None or not self.loss_chunk_tokens or not self.post_process or self.mtp_process
+                 or kwargs.get("inference_context") is not None or self.output_layer.bias is not None)
+        if plain:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        return chunked_cross_entropy(hidden_states, weight, labels, chunk_tokens=self.loss_chunk_tokens,
+                                     sequence_parallel=self.output_layer.sequence_parallel, tp_group=self.tp_group)
 
     def mixer_mask(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None) -> torch.Tensor | None:
         """What each layer's mixer receives as `attention_mask` (see `forward`)."""

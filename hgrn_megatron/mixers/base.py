@@ -57,6 +57,8 @@ class MixerSpec:
     lower_bound_channels: cfg -> channels of the model-level lower-bound table (HGRN §3.2), 0 for none; when
         non-zero the mixer must have `attach_lower_bounds(module)`.
     hf_export: `hgrn-export-hf` can write this mixer's model.
+    context_parallel: the mixer is correct on one piece of a sequence split over a context-parallel group
+        (the HGRU passes its recurrent state between the pieces; `hgrn_megatron.context_parallel`).
     details: cfg -> a short note for summaries (e.g. the HGRU variant), or None.
     """
 
@@ -70,6 +72,7 @@ class MixerSpec:
     position_embedding: str = "none"
     lower_bound_channels: Callable[[ModelConfig], int] = no_lower_bounds
     hf_export: bool = False
+    context_parallel: bool = False
     details: Callable[[ModelConfig], str] | None = None
 
     def __post_init__(self):

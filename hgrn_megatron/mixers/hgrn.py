@@ -115,5 +115,6 @@ HGRN = MixerSpec(
     position_embedding="none",
     lower_bound_channels=lower_bound_channels,
     hf_export=True,
+    context_parallel=True,
     details=details,
 )
