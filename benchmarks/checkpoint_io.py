@@ -116,6 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-reshard", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    from hgrn_megatron.runtime_env import configure_environment
+
+    configure_environment()  # before the rank processes fork and import DeepSpeed
     base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
     try:
         result = {}

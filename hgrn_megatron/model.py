@@ -216,12 +216,16 @@ class HGRNModel(GPTModel):
 
 
 def build_model(
-    cfg: ModelConfig, padded_vocab_size: int, *, params_dtype: torch.dtype = torch.float32, meta: bool = False
+    cfg: ModelConfig, padded_vocab_size: int, *, params_dtype: torch.dtype = torch.float32, meta: bool = False,
+    initialize: bool = True,
 ) -> HGRNModel:
     """Build this rank's shard of the model (megatron `parallel_state` must be initialised).
 
     Weights come from the global torch RNG (seed it first): the same seed gives the same full model at any
-    TP size. `meta=True` builds on the meta device without initialising (for counting parameters).
+    TP size. `meta=True` builds on the meta device without initialising (for counting parameters);
+    `initialize=False` leaves megatron's random initialisation of the linear and embedding weights out (their
+    values are then undefined), for a model whose every weight a checkpoint load overwrites: megatron builds
+    each full weight on the CPU before splitting it, which costs a 1B model ~18 s per rank.
     """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if padded_vocab_size % tp_size:
@@ -230,7 +234,7 @@ def build_model(
             f"{tp_size} (pad it with hgrn_megatron.tokenizer.padded_vocab_size)"
         )
     config = transformer_config_from(cfg, tp_size=tp_size, params_dtype=params_dtype,
-                                     perform_initialization=not meta)
+                                     perform_initialization=initialize and not meta)
     with torch.device("meta") if meta else contextlib.nullcontext():
         return HGRNModel(config, cfg, padded_vocab_size)
 

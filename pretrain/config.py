@@ -58,6 +58,10 @@ class ScheduleConfig(ConfigNode):
 
 class ParallelConfig(ConfigNode):
     tensor_parallel_size: int = Field(1, gt=0)
+    context_parallel_size: int = Field(
+        1, gt=0, description="Ranks that share one sequence, each holding a contiguous piece of it (world = TP x "
+        "CP x DP); the HGRU passes only its recurrent state between them. model.seq_length must divide by it."
+    )
     zero_stage: Literal[0, 1, 2, 3] = 1
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl with CUDA, gloo without.")
     deepspeed_extra: dict[str, Any] = Field(
@@ -113,10 +117,20 @@ class RunConfig(ConfigNode):
     # ------------------------------------------------------------ derived quantities
     def validate_world(self, world_size: int) -> None:
         """Check the parallel arithmetic for `world_size` ranks; one ConfigError line per problem."""
-        tp = self.parallel.tensor_parallel_size
-        if world_size % tp:
-            raise ConfigError(f"parallel.tensor_parallel_size ({tp}) does not divide the world size ({world_size})")
-        dp = world_size // tp
+        tp, cp = self.parallel.tensor_parallel_size, self.parallel.context_parallel_size
+        if world_size % (tp * cp):
+            raise ConfigError(f"parallel.tensor_parallel_size x context_parallel_size ({tp} x {cp}) does not divide "
+                              f"the world size ({world_size})")
+        dp = world_size // (tp * cp)
+        if self.model.seq_length % cp:
+            raise ConfigError(f"model.seq_length ({self.model.seq_length}) is not divisible by "
+                              f"parallel.context_parallel_size ({cp})")
+        if cp > 1:
+            from hgrn_megatron.mixers import MIXERS
+
+            if not MIXERS[self.model.mixer].context_parallel:
+                raise ConfigError(f"parallel.context_parallel_size: the {self.model.mixer} mixer does not run "
+                                  "context-parallel (only mixers whose description says so)")
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
             raise ConfigError(
@@ -134,9 +148,12 @@ class RunConfig(ConfigNode):
         return self.train.global_batch_size // (self.train.micro_batch_size * dp_size)
 
     def deepspeed_config(self, dp_size: int) -> dict[str, Any]:
-        """The DeepSpeed JSON, generated from this tree; `parallel.deepspeed_extra` is deep-merged last."""
+        """The DeepSpeed JSON, generated from this tree; `parallel.deepspeed_extra` is deep-merged last.
+
+        DeepSpeed's data-parallel group is DP x CP (gradients are averaged over every piece of every sequence),
+        so in its batch arithmetic each of a sequence's CP pieces counts as one sample."""
         cfg: dict[str, Any] = {
-            "train_batch_size": self.train.global_batch_size,
+            "train_batch_size": self.train.global_batch_size * self.parallel.context_parallel_size,
             "train_micro_batch_size_per_gpu": self.train.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accumulation_steps(dp_size),
             "gradient_clipping": self.optimizer.clip_grad,

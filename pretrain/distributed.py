@@ -65,12 +65,13 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> La
     return le
 
 
-def init_model_parallel(tensor_parallel_size: int) -> None:
+def init_model_parallel(tensor_parallel_size: int, context_parallel_size: int = 1) -> None:
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                             context_parallel_size=context_parallel_size)
 
 
 class MegatronMpu:
@@ -91,14 +92,16 @@ class MegatronMpu:
     def get_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
 
+    # DeepSpeed's data parallelism (gradient averaging, ZeRO partitioning) spans DP x CP: the CP ranks of a
+    # sequence hold replicated parameters whose gradients, like those of different sequences, are averaged.
     def get_data_parallel_rank(self):
-        return self._ps.get_data_parallel_rank()
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self):
-        return self._ps.get_data_parallel_world_size()
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
 
     # DeepSpeed asks for these when pipeline/sequence parallelism is queried; we use neither.
     def get_pipeline_model_parallel_world_size(self):

@@ -54,12 +54,14 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
     return floor + (peak - floor) * coeff
 
 
-def build_engine(cfg: RunConfig, padded_vocab_size: int, dp_size: int, load_universal: bool = False):
-    """Build the megatron model, torch AdamW and the DeepSpeed engine around them."""
+def build_engine(cfg: RunConfig, padded_vocab_size: int, dp_size: int, load_universal: bool = False,
+                 initialize: bool = True):
+    """Build the megatron model, torch AdamW and the DeepSpeed engine around them. `initialize=False` when a
+    checkpoint will overwrite every weight (a resume): the random initialisation is skipped."""
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, padded_vocab_size)
+    model = build_model(cfg.model, padded_vocab_size, initialize=initialize)
     optimizer = build_optimizer(cfg, model)
     ds_config = cfg.deepspeed_config(dp_size)
     if load_universal:

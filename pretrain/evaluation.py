@@ -9,13 +9,16 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, stop=None,
-             filler: dict | None = None) -> dict | None:
+             filler: dict | None = None, piece=None) -> dict | None:
     """Token-weighted mean loss over this rank's validation batches, all-reduced over data-parallel ranks.
     `filler`: a batch to run (and discard) under ZeRO-3 on a rank past its own batches while others go on.
+    `piece`: takes this rank's piece of a tuple of [b, s] tensors under context parallelism (`dp_group` is then
+    DP x CP, so the sums cover every piece).
 
     Returns {"val_loss", "val_ppl", "val_tokens", "val_loss/<source>"...}, or None when `stop.agreed()` asked to
     stop part-way (checked between batches so a preemption is not delayed by a long evaluation).
     """
+    from .data import label_sources, model_inputs
     from .distributed import comm_device
 
     engine.eval()
@@ -34,12 +37,15 @@ def evaluate(engine, batches: list[dict], source_names: list[str], dp_group, sto
         if i >= len(batches) and not (gathers_in_forward and filler):
             continue
         batch = batches[i] if i < len(batches) else filler
-        tokens = batch["tokens"].to(engine.device)
-        doc_start = batch["doc_start"].to(engine.device)
-        loss = engine(tokens[:, :-1], labels=tokens[:, 1:], doc_start=doc_start[:, :-1]).double().cpu()
+        x = model_inputs(batch, engine.device)
+        if piece is not None:
+            x = piece(x)
+        loss = engine(x.input_ids, labels=x.labels, doc_start=x.doc_start).double().cpu()
         if i >= len(batches):
             continue
-        src = batch["source_ids"][:, 1:]
+        src = label_sources(batch)
+        if piece is not None:
+            (src,) = piece((src,))
         sums[:n] += torch.zeros(n, dtype=torch.float64).index_add_(0, src.reshape(-1), loss.reshape(-1))
         counts[:n] += torch.bincount(src.reshape(-1), minlength=n).double()
         sums[n] += loss.sum()

@@ -23,12 +23,18 @@ class RunLayout:
     """The job that wrote a checkpoint: what a resume at another size or with another tokenizer must compare."""
 
     world_size: int
-    dp_size: int
+    dp_size: int  # data-parallel replicas of the model (sequences read in parallel)
     tp_size: int
     zero_stage: int
     tokenizer_sha256: str
     vocab_size: int
     padded_vocab_size: int
+    cp_size: int = 1  # ranks sharing each sequence (run-state format 3; earlier runs had none)
+
+    @property
+    def zero_partitions(self) -> int:
+        """Ranks over which DeepSpeed averages gradients and partitions ZeRO state: DP x CP."""
+        return self.dp_size * self.cp_size
 
 
 @dataclass
@@ -82,5 +88,5 @@ def run_state_dict(state: TrainState, layout: RunLayout) -> dict[str, Any]:
 
 
 def saved_layout(saved: dict[str, Any]) -> RunLayout:
-    """The layout recorded in a `run_state.json` (all formats record every field)."""
-    return RunLayout(**{f.name: saved[f.name] for f in dataclasses.fields(RunLayout)})
+    """The layout recorded in a `run_state.json`; fields newer than its format take their defaults."""
+    return RunLayout(**{f.name: saved[f.name] for f in dataclasses.fields(RunLayout) if f.name in saved})

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..context_parallel import sequence_piece
 from . import EXIT_OK, EXIT_REQUEUE
 from . import checkpoint as ckpt_io
 from .config import RunConfig, dump_config
+from .data import model_inputs
 from .distributed import all_reduce_flag, all_reduce_max, comm_device, init_distributed, init_model_parallel
 from .engine import build_engine, learning_rate, set_learning_rate
 from .evaluation import evaluate
@@ -96,11 +98,25 @@ def _data_totals(loader, dp_group) -> dict:
     return out
 
 
-def _split_batch(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, labels, document starts of the inputs) of a loader batch of S + 1 tokens per row."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    doc_start = batch["doc_start"].to(device, non_blocking=True)
-    return tokens[:, :-1], tokens[:, 1:], doc_start[:, :-1]
+class StartupTimeline:
+    """Seconds per phase of the set-up, from the process start (the imports before the trainer included)."""
+
+    def __init__(self):
+        import psutil
+
+        now = time.time()
+        self.phases = [("imports", now - psutil.Process().create_time())]
+        self._last = now
+
+    def mark(self, phase: str) -> None:
+        """End `phase` now (repeated phases add up)."""
+        now = time.time()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+
+    def summary(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        return " | ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases) + f" | total {total:.1f} s"
 
 
 class Trainer:
@@ -111,14 +127,16 @@ class Trainer:
         # Signal handlers first: a preemption notice during the (minutes-long) set-up is kept, not lost.
         self.stop = StopRequest(cfg.train.preemption_signals, cfg.train.exit_after_minutes)
         self.faults = FaultInjection.from_env()
+        self.startup = StartupTimeline()
         self._init_parallel()
+        self.startup.mark("process groups")
         from ..tokenizer import Tokenizer, padded_vocab_size
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer.model)
         self.layout = RunLayout(
             world_size=self.world, dp_size=self.dp_size, tp_size=self.tp, zero_stage=cfg.parallel.zero_stage,
             tokenizer_sha256=self.tokenizer.sha256, vocab_size=self.tokenizer.vocab_size,
-            padded_vocab_size=padded_vocab_size(self.tokenizer.vocab_size, self.tp),
+            padded_vocab_size=padded_vocab_size(self.tokenizer.vocab_size, self.tp), cp_size=self.cp,
         )
         ckpt_dir, saved, universal = self._resume(resume)
         self.checkpointer = ckpt_io.Checkpointer(self.engine, self.ckpt_root,
@@ -132,12 +150,16 @@ class Trainer:
                 _seed_rank_rngs(cfg.train.seed, self.rank, self.state.step)
             log.info("resumed from %s at step %d (%s)", ckpt_dir, self.state.step,
                      "universal: new DP/TP size" if universal else "exact")
+        self.startup.mark("data state" if ckpt_dir else "model build")
         self._build_data(data_state)
+        self.startup.mark("data and validation")
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.rank == 0,
                                      start_step=self.state.step)
         self.saved_at, self._saved_time = self.state.step, time.monotonic()
         self._interval_start, self._interval_wait, self._interval_steps = time.perf_counter(), 0.0, 0
         self._describe()
+        if self.rank == 0:
+            log.info("start-up: %s", self.startup.summary())
 
     # ------------------------------------------------------------ set-up
     def _init_parallel(self) -> None:
@@ -147,11 +169,14 @@ class Trainer:
         init_distributed(cfg.parallel.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         cfg.validate_world(self.world)
-        self.tp = cfg.parallel.tensor_parallel_size
-        init_model_parallel(self.tp)
+        self.tp, self.cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+        init_model_parallel(self.tp, self.cp)
+        # The data pipeline deals sequences to the DP replicas; the CP ranks of a replica share each sequence,
+        # each taking its piece. Losses and gradients are averaged over DP x CP (`dp_group`).
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
-        self.dp_group = ps.get_data_parallel_group()
+        self.tp_rank, self.cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+        self.cp_group = ps.get_context_parallel_group()
+        self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.grad_accum = cfg.grad_accumulation_steps(self.dp_size)
         self.run_dir, self.ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
         if self.rank == 0:
@@ -174,12 +199,14 @@ class Trainer:
             saved = None if problem else ckpt_io.read_run_state(ckpt_dir)
             if saved is not None:
                 universal = self._check_resumable(ckpt_dir, saved)
-                if built_for != universal:
+                if built_for != universal:  # every weight comes from the checkpoint: no random initialisation
                     self.engine, built_for = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size,
-                                                          load_universal=universal), universal
+                                                          load_universal=universal, initialize=False), universal
                 _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
+                self.startup.mark("model build")
                 problem = self._agreed_problem(lambda d=ckpt_dir, u=universal: ckpt_io.load_checkpoint(
                     self.engine, d, universal=u))
+                self.startup.mark(f"checkpoint load{' (universal conversion)' if universal else ''}")
             if problem is None:
                 self._set_aside_after(saved["step"])
                 return ckpt_dir, saved, universal
@@ -236,7 +263,7 @@ class Trainer:
                 f"{ckpt_dir}: the model differs from the checkpoint's ({'; '.join(differences)}); resume with the "
                 "checkpoint's model settings, or start a new run"
             )
-        universal = (before.dp_size, before.tp_size) != (self.dp_size, self.tp)
+        universal = (before.zero_partitions, before.tp_size) != (self.layout.zero_partitions, self.tp)
         # TP merges need the per-parameter rules that checkpoints record since run-state format 2.
         if universal and before.tp_size != self.tp and saved.get("format", 1) < 2:
             raise ckpt_io.CheckpointError(
@@ -308,8 +335,8 @@ class Trainer:
             t_wait = time.perf_counter()
             batch = next(self.loader)
             self._interval_wait += time.perf_counter() - t_wait
-            inputs, labels, doc_start = _split_batch(batch, engine.device)
-            loss = engine(inputs, labels=labels, doc_start=doc_start).float().mean()
+            x = self._piece(model_inputs(batch, engine.device))
+            loss = engine(x.input_ids, labels=x.labels, doc_start=x.doc_start).float().mean()
             if self.faults.poisons(self.state.step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -330,7 +357,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         step_loss = torch.stack(losses).mean()
         dist.all_reduce(step_loss, group=self.dp_group)
-        step_loss = step_loss.item() / self.dp_size
+        step_loss = step_loss.item() / self.layout.zero_partitions
         grad_norm = self._zero0_grad_norm if self.zero0 else self.engine.get_global_grad_norm()
         self.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         applied = self.engine.was_step_applied() and math.isfinite(step_loss) and math.isfinite(self.grad_norm)
@@ -379,7 +406,8 @@ class Trainer:
             state.validation_due = False
             return True
         self.faults.maybe_preempt_validation(state.step)
-        val = evaluate(self.engine, self.val_batches, self.val_sources, self.dp_group, self.stop, self.val_filler)
+        val = evaluate(self.engine, self.val_batches, self.val_sources, self.dp_group, self.stop, self.val_filler,
+                       piece=self._piece)
         if val is None:
             state.validation_due = True
             return False
@@ -409,14 +437,21 @@ class Trainer:
         from .data import merge_data_states
 
         states = [None] * self.world
-        dist.all_gather_object(states, (self.tp_rank, self.loader.state_dict()))
-        data_global = merge_data_states([s for t, s in states if t == 0])
+        dist.all_gather_object(states, (self.tp_rank + self.cp_rank, self.loader.state_dict()))
+        data_global = merge_data_states([s for first, s in states if first == 0])  # one copy per DP replica
         self.checkpointer.save(self.state.step, run_state_dict(self.state, self.layout), data_global,
                                dump_config(self.cfg))
         self.saved_at, self._saved_time = self.state.step, time.monotonic()
         self.faults.maybe_kill_during_save(self.state.step, self.rank)
         log.info("%s checkpoint of step %d", "started the" if self.cfg.checkpoint.async_save else "saved the",
                  self.state.step)
+
+    def _piece(self, tensors):
+        """This rank's piece of every [b, s] tensor in `tensors` (a NamedTuple), under context parallelism."""
+        if self.cp == 1:
+            return tensors
+        parts = [None if t is None else sequence_piece(t, self.cp_group) for t in tensors]
+        return type(tensors)(*parts) if hasattr(tensors, "_fields") else tuple(parts)
 
     def _requeue(self) -> TrainResult:
         """Save (unless this step is saved already) and return the requeue result."""

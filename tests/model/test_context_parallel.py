@@ -202,7 +202,7 @@ def _build_attention_at_cp2():
 def test_attention_refuses_context_parallelism():
     from hgrn_megatron.testing.distributed import DistributedTestError
 
-    with pytest.raises(DistributedTestError, match="context parallelism needs the HGRU mixer"):
+    with pytest.raises(DistributedTestError, match="Transformer mixer does not support context parallelism"):
         run_distributed(_build_attention_at_cp2, world_size=2, timeout=120)
 
 
