@@ -236,7 +236,22 @@ def build_model(
     config = transformer_config_from(cfg, tp_size=tp_size, params_dtype=params_dtype,
                                      perform_initialization=initialize and not meta)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        return HGRNModel(config, cfg, padded_vocab_size)
+        model = HGRNModel(config, cfg, padded_vocab_size)
+    if not initialize:
+        _mark_tensor_parallel(model)
+    return model
+
+
+def _mark_tensor_parallel(model: HGRNModel) -> None:
+    """Set megatron's TP attributes (`tensor_model_parallel`, `partition_dim`, `partition_stride`) of every split
+    parameter from `tp_rules`: megatron sets them inside its weight initialisation, so a model built without it
+    would otherwise count split weights as replicated (wrong gradient norms and clipping at TP > 1)."""
+    from hgrn_megatron.tp_rules import rule_for
+
+    for name, param in model.named_parameters():
+        rule = rule_for(name)
+        if rule.kind != "replicated" and not getattr(param, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(param, True, rule.dim, rule.stride)
 
 
 @contextlib.contextmanager

@@ -6,10 +6,13 @@ against the layout megatron and the HGRU actually use.
 import pytest
 import torch
 
+from hgrn_megatron.testing.distributed import run_distributed
 from hgrn_megatron.tp_rules import merge_state_dicts
 from tests.model.model_harness import (
     FP32_ROUNDING,
+    VOCAB,
     assert_tp2_matches_tp1,
+    init_model_parallel,
     max_rel_diff,
     run_tp1_and_tp2,
     tiny_config,
@@ -47,3 +50,20 @@ def test_identity_backward_of_the_norm_statistics_gives_wrong_gradients():
     merged = merge_state_dicts([r["grads"] for r in tp2], replicated_atol=float("inf"))
     worst = max(max_rel_diff(merged[k], g) for k, g in tp1["grads"].items())
     assert worst > 1e-2  # ... the gradients are not
+
+
+def _tp_attributes(initialize: bool):
+    from hgrn_megatron.model import build_model
+
+    init_model_parallel()
+    model = build_model(tiny_config(add_bias_linear=True), VOCAB, initialize=initialize)
+    return {name: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", -1),
+                   getattr(p, "partition_stride", 1)) for name, p in model.named_parameters()}
+
+
+def test_a_model_built_without_initialisation_keeps_its_tensor_parallel_attributes():
+    """A resume builds the model without megatron's initialisation, which is where megatron marks split weights;
+    unmarked, they would count as replicated in the gradient norm at TP 2."""
+    with_init, without = run_distributed(_tp_attributes, world_size=2, args=(True,))[0], run_distributed(
+        _tp_attributes, world_size=2, args=(False,))[0]
+    assert with_init == without and sum(split for split, _, _ in with_init.values()) >= 8
