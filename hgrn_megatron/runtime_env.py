@@ -70,9 +70,10 @@ def exit_quietly_on_broken_pipe(main):
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
-            code = main(*args, **kwargs)
-            sys.stdout.flush()  # buffered output meets the closed pipe here, not in the interpreter's shutdown
-            return code
+            try:
+                return main(*args, **kwargs)
+            finally:  # also after --help's SystemExit: buffered output meets the closed pipe here, not at exit
+                sys.stdout.flush()
         except BrokenPipeError:
             # Python flushes stdout again at exit; point it at /dev/null so that flush has nowhere to fail.
             devnull = os.open(os.devnull, os.O_WRONLY)

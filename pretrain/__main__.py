@@ -116,11 +116,16 @@ def _main(argv: list[str] | None) -> int:
         print(f"hgrn-pretrain: {problem}", file=sys.stderr)
         return 2
 
-    configure_environment()
     from hgrn_megatron.config_base import ConfigError
 
     from . import EXIT_CONFIG_ERROR
     from .config import dump_config, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)  # before torch is imported: a mistake is reported at once
+    except ConfigError as err:
+        return _config_error(err)
+    configure_environment()
     from .distributed import launch_env
 
     try:
@@ -129,7 +134,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"hgrn-pretrain: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        cfg = load_config(args.config, args.overrides)
         # --print-config shows a config from anywhere; a dry run plans for --world-size ranks, by default the
         # launcher's, or on one process the smallest world the config fits (its TP size).
         world_size = args.world_size or (le.world_size if le.world_size > 1 or not args.dry_run
@@ -139,8 +143,7 @@ def _main(argv: list[str] | None) -> int:
         if not (args.dry_run or args.print_config):  # a dry run reports the data and tokenizer instead
             cfg.check_start_files()  # a missing shard or tokenizer fails here, once, not on every rank later
     except ConfigError as err:
-        print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return _config_error(err)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -148,6 +151,11 @@ def _main(argv: list[str] | None) -> int:
         print(plan(cfg, world_size))
         return 0
     return _train(cfg, args.resume, le.rank)
+
+
+def _config_error(err: Exception) -> int:
+    print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
+    return 2
 
 
 def _train(cfg, resume: str, rank: int) -> int:

@@ -214,7 +214,7 @@ def override_value(item: str, raw: str, annotation: Any) -> Any:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        if text or text_list:
+        if (text or text_list) and not isinstance(err, yaml.constructor.ConstructorError):  # a tag stays an error
             return _split_list(raw) if text_list else raw
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"override '{item}': not a valid YAML value ({problem})") from None

@@ -11,8 +11,9 @@ A stop signal must never be lost, nor kill the process, from the first line of t
    handlers to the default action late in interpreter shutdown, so without this a TERM or USR1 arriving then
    would kill the process and hide the requeue code.
 
-SIGINT (Ctrl-C) is a stop signal by default too; a second one aborts at once, without a checkpoint, by dying of
-SIGINT (a shell reports 130).
+SIGINT (Ctrl-C) is a stop signal by default too. The first one also gives SIGINT back its default action, so a
+second one aborts at once, whatever the process is doing (a long collective, a save), without a checkpoint: the
+process dies of SIGINT (a shell reports 130).
 
 This module imports neither torch nor anything heavy at import time: the entry point imports it first.
 """
@@ -31,7 +32,7 @@ _FAULTS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL"}
 # Process-wide state: what the start-up recorder replaced and received, Ctrl-C presses, the handlers in force.
 _originals: dict[int, object] = {}
 _pending: list[int] = []
-_interrupts = 0
+_interrupted = False
 _handled: set[int] = set()
 
 
@@ -51,23 +52,20 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _abort_if_interrupted_again(signum: int) -> None:
-    """The second Ctrl-C ends the process now: die of SIGINT, as an interrupted program does."""
-    global _interrupts
-    if signum != signal.SIGINT:
+def _arm_abort_on_next_interrupt(signum: int) -> None:
+    """After the first Ctrl-C, the next one ends the process in the kernel: no Python code has to run for it."""
+    global _interrupted
+    if signum != signal.SIGINT or _interrupted:
         return
-    _interrupts += 1
-    if _interrupts < 2:
-        return
-    # os.write, not print: this runs between two bytecodes of whatever the main thread was doing, maybe a print.
-    os.write(2, b"hgrn-pretrain: interrupted again (SIGINT): stopping now, without a checkpoint\n")
+    _interrupted = True
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
-    os._exit(128 + signal.SIGINT)  # not reached: the default action of SIGINT ends the process
+    # os.write, not print: this runs between two bytecodes of whatever the main thread was doing, maybe a print.
+    os.write(2, b"hgrn-pretrain: interrupted (SIGINT): stopping with a checkpoint at the next step boundary; "
+                b"interrupt again to stop now without one\n")
 
 
 def _record(signum, frame) -> None:
-    _abort_if_interrupted_again(signum)
+    _arm_abort_on_next_interrupt(signum)
     _pending.append(signum)
 
 
@@ -103,7 +101,8 @@ def hold_stop_signals() -> None:
     if not _in_main_thread():
         return
     for signum in _handled | set(_originals):
-        signal.signal(signum, signal.SIG_IGN)
+        if not (signum == signal.SIGINT and _interrupted):  # an armed second Ctrl-C still aborts
+            signal.signal(signum, signal.SIG_IGN)
 
 
 class StopRequest:
@@ -119,7 +118,8 @@ class StopRequest:
             wanted.add(getattr(signal, name))
         if _in_main_thread():
             for signum in wanted:
-                signal.signal(signum, self._handler)
+                if not (signum == signal.SIGINT and _interrupted):  # already armed to abort
+                    signal.signal(signum, self._handler)
             _handled.update(wanted)
             self._adopt_early_signals(wanted)
 
@@ -143,7 +143,7 @@ class StopRequest:
             self.received = signal.Signals(signum).name
 
     def _handler(self, signum, frame) -> None:
-        _abort_if_interrupted_again(signum)
+        _arm_abort_on_next_interrupt(signum)
         self._note(signum)
 
     def local_reason(self) -> str | None:
