@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hgrn_megatron.runtime_env import configure_environment, exit_quietly_on_broken_pipe, patch_for_cpu
 
+from . import EXIT_ABORTED, EXIT_CONFIG_ERROR
 from .preemption import hold_stop_signals, record_early_signals, release_early_signals
 
 
@@ -114,11 +115,10 @@ def _main(argv: list[str] | None) -> int:
     if problem := _command_line_problem(args):
         parser.print_usage(sys.stderr)
         print(f"hgrn-pretrain: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
 
     from hgrn_megatron.config_base import ConfigError
 
-    from . import EXIT_CONFIG_ERROR
     from .config import dump_config, load_config
 
     try:
@@ -155,7 +155,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _config_error(err: Exception) -> int:
     print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
-    return 2
+    return EXIT_CONFIG_ERROR
 
 
 def _train(cfg, resume: str, rank: int) -> int:
@@ -165,7 +165,6 @@ def _train(cfg, resume: str, rank: int) -> int:
 
     from hgrn_megatron.config_base import ConfigError
 
-    from . import EXIT_ABORTED, EXIT_CONFIG_ERROR
     from .checkpoint import CheckpointError
     from .trainer import TrainingAborted, train
 

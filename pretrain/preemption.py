@@ -29,7 +29,8 @@ _UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
 # Raised by the process's own faults, not sent by a scheduler to ask for a stop; a Python handler cannot resume.
 _FAULTS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL"}
 
-# Process-wide state: what the start-up recorder replaced and received, Ctrl-C presses, the handlers in force.
+# Process-wide state: what the start-up recorder replaced and received, whether Ctrl-C was pressed, the signals
+# handled here.
 _originals: dict[int, object] = {}
 _pending: list[int] = []
 _interrupted = False
@@ -84,10 +85,12 @@ def record_early_signals(names: tuple[str, ...] = DEFAULT_STOP_SIGNALS) -> None:
 def release_early_signals() -> None:
     """Undo `record_early_signals` when no trainer adopted it (a dry run, a config error): the previous handlers
     return, and a signal recorded meanwhile is delivered to them now, meeting the fate it would have met."""
+    global _interrupted
     if not _in_main_thread():
         return
     pending = list(_pending)
     _pending.clear()
+    _interrupted = False
     for signum, original in _originals.items():
         signal.signal(signum, original)
         _handled.discard(signum)
@@ -103,6 +106,8 @@ def hold_stop_signals() -> None:
     for signum in _handled | set(_originals):
         if not (signum == signal.SIGINT and _interrupted):  # an armed second Ctrl-C still aborts
             signal.signal(signum, signal.SIG_IGN)
+    _originals.clear()  # nothing is given back or delivered later: the exit code stands
+    _pending.clear()
 
 
 class StopRequest:
