@@ -15,6 +15,7 @@ from hgrn_megatron.config_base import ConfigError
 from hgrn_megatron.flops import count_parameters, flops_per_token, forward_flops_per_token, matmul_flops_per_token
 from hgrn_megatron.mixers import MIXERS, get_mixer
 from hgrn_megatron.presets import PRESETS, REFERENCE_VOCAB_SIZE
+from hgrn_megatron.runtime_env import exit_quietly_on_broken_pipe
 
 
 def _parse_value(text: str):
@@ -90,6 +91,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hgrn-model", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -5,7 +5,9 @@ Call `configure_environment()` before importing deepspeed (the accelerator is ch
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +28,9 @@ QUIET_WARNINGS = [
     dict(message=r".*custom_layers.transformer_engine.*", category=DeprecationWarning),
     dict(category=DeprecationWarning, module=r"(megatron|deepspeed|torch\.jit)\..*"),
     dict(category=FutureWarning, module=r"(megatron|deepspeed)\..*"),
+    # DeepSpeed's ZeRO all-gathers call torch.distributed.all_gather_into_tensor, deprecated by torch 2.13; torch
+    # attributes the warning to its own c10d_logger wrapper, so the module filter above does not catch it.
+    dict(message=r".*all_gather_into_tensor. is deprecated.*", category=FutureWarning),
 ]
 
 
@@ -56,6 +61,26 @@ def configure_environment() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "triton"))
     # Quiet the tokenizers/transformers fork warning; our loaders fork after tokenizer use.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def exit_quietly_on_broken_pipe(main):
+    """For a console script's `main`: output piped into a reader that stops early (`hgrn-model info | head`)
+    ends the program quietly with 141 (128 + SIGPIPE, as a program killed by SIGPIPE reports), no traceback."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            try:
+                return main(*args, **kwargs)
+            finally:  # also after --help's SystemExit: buffered output meets the closed pipe here, not at exit
+                sys.stdout.flush()
+        except BrokenPipeError:
+            # Python flushes stdout again at exit; point it at /dev/null so that flush has nowhere to fail.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+
+    return wrapped
 
 
 _patched = False

@@ -6,7 +6,8 @@
 #
 # To stop a run with a checkpoint, send USR1 (or TERM) to this script: it asks every trainer process to save
 # at the next step boundary and exits 75 once they have; run the same command again to resume (the trainer
-# resumes from the newest complete checkpoint by itself). Ctrl-C does the same; a second Ctrl-C kills the run.
+# resumes from the newest complete checkpoint by itself). Ctrl-C does the same (the trainers get SIGINT and
+# log "interrupted (SIGINT)"); a second Ctrl-C kills the run.
 #
 # Environment: NPROC (default: the GPUs in CUDA_VISIBLE_DEVICES, else all GPUs, else 1), OMP_NUM_THREADS (default: CPU cores / NPROC),
 # HGRN_VENV (default: the project's .venv, created by launch/setup_env.sh when missing), HGRN_TRAINER (the
@@ -43,9 +44,13 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE SLURM_PROCID SLURM_NTASKS SLURM_NODEID PET_NODE_RANK
 
-# The worker script ignores USR1 in torchrun (whose default action would be to die of it) and records a
-# trainer exit with the requeue code, which torchrun itself reports as 1.
+# The worker script ignores USR1, TERM and INT in torchrun (whose default action would be to die of them) and
+# records a trainer exit with the requeue code in a marker file; it then reports 0 to torchrun, which would
+# report any other code as a failure (a ChildFailedError traceback) although the stop was clean. torchrun
+# handles neither TERM nor INT here: INT (Ctrl-C) goes to the trainers themselves, as a stop request.
 export HGRN_REQUEUE_EXIT=75
+export HGRN_REQUEUE_MARKED_STATUS=0
+export PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
 export HGRN_REQUEUE_MARKER=${TMPDIR:-/tmp}/hgrn-local-requeue-$$
 rm -f "$HGRN_REQUEUE_MARKER"
 trap 'rm -f "$HGRN_REQUEUE_MARKER"' EXIT
@@ -57,13 +62,14 @@ checkpoint_and_stop() {
   local pid sig=USR1
   if [ "$1" = INT ]; then
     INTERRUPTS=$((INTERRUPTS + 1))
+    sig=INT  # the trainers then report what it was: an interrupt, not a scheduler's USR1
     if [ "$INTERRUPTS" -gt 1 ]; then
       echo "[local] second interrupt: killing the run without a checkpoint"
       sig=KILL
     fi
   fi
   [ "$sig" = KILL ] || echo "[local] $1: asking the trainers to checkpoint and exit"
-  # Every process below us: the wrappers and torchrun ignore USR1, the trainers checkpoint on it.
+  # Every process below us: the wrappers and torchrun ignore USR1 and INT, the trainers checkpoint on them.
   [ -n "${LAUNCH_PID:-}" ] || return 0
   for pid in $(descendants "$LAUNCH_PID") "$LAUNCH_PID"; do kill -s "$sig" "$pid" 2>/dev/null || true; done
 }
@@ -100,7 +106,7 @@ while :; do
   [ "$SIGNALS" != "$before" ] || break
 done
 if [ -e "$HGRN_REQUEUE_MARKER" ]; then
-  echo "[local] checkpoint saved; run the same command again to resume"
+  echo "[local] stopped cleanly with a checkpoint (exit 75); run the same command again to resume"
   exit 75
 fi
 exit "$RC"

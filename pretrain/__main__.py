@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from hgrn_megatron.runtime_env import configure_environment, patch_for_cpu
+from hgrn_megatron.runtime_env import configure_environment, exit_quietly_on_broken_pipe, patch_for_cpu
+
+from . import EXIT_ABORTED, EXIT_CONFIG_ERROR
+from .preemption import hold_stop_signals, record_early_signals, release_early_signals
 
 
 def _setup_logging(rank: int) -> None:
@@ -68,7 +72,7 @@ def plan(cfg, world_size: int) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hgrn-pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="run config YAML (sections: model, data, tokenizer, train, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.preset=tiny")
@@ -80,13 +84,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: the number of ranks to plan for (default: the launcher's; on one "
                              "process, the config's tensor_parallel_size)")
-    args = parser.parse_args(argv)
+    return parser
 
-    configure_environment()
+
+def _command_line_problem(args) -> str | None:
+    """The mistakes a first command line makes, in words (before the config is even read)."""
+    if args.config is None and not args.overrides:
+        return "no config given: hgrn-pretrain --config FILE.yaml [key.sub=value ...] (see configs/)"
+    for item in args.overrides:
+        if "=" not in item and (item.endswith((".yaml", ".yml")) or Path(item).is_file()):
+            return (f"'{item}' is not an override (key.sub=value); to train with the config file, pass it as "
+                    f"--config {item}")
+    return None
+
+
+@exit_quietly_on_broken_pipe
+def main(argv: list[str] | None = None) -> int:
+    # First, before the imports of torch and DeepSpeed (seconds; minutes from a shared filesystem): a stop signal
+    # received from now on is kept for the trainer, not lost and not fatal.
+    record_early_signals()
+    try:
+        return _main(argv)
+    finally:
+        release_early_signals()  # nothing to undo once the trainer adopted them
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)  # overrides and flags in any order
+    if problem := _command_line_problem(args):
+        parser.print_usage(sys.stderr)
+        print(f"hgrn-pretrain: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
     from hgrn_megatron.config_base import ConfigError
 
-    from . import EXIT_ABORTED, EXIT_CONFIG_ERROR
     from .config import dump_config, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)  # before torch is imported: a mistake is reported at once
+    except ConfigError as err:
+        return _config_error(err)
+    configure_environment()
     from .distributed import launch_env
 
     try:
@@ -95,45 +134,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hgrn-pretrain: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        cfg = load_config(args.config, args.overrides)
         # --print-config shows a config from anywhere; a dry run plans for --world-size ranks, by default the
         # launcher's, or on one process the smallest world the config fits (its TP size).
         world_size = args.world_size or (le.world_size if le.world_size > 1 or not args.dry_run
                                          else cfg.parallel.tensor_parallel_size)
         if not args.print_config:
             cfg.validate_world(world_size)
-        if not (args.dry_run or args.print_config):  # a dry run reports the data instead
-            cfg.data.check_paths()  # a missing shard path or an empty glob fails here, not on some rank later
+        if not (args.dry_run or args.print_config):  # a dry run reports the data and tokenizer instead
+            cfg.check_start_files()  # a missing shard or tokenizer fails here, once, not on every rank later
     except ConfigError as err:
-        print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return _config_error(err)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
     if args.dry_run:
         print(plan(cfg, world_size))
         return 0
+    return _train(cfg, args.resume, le.rank)
 
-    _setup_logging(le.rank)
+
+def _config_error(err: Exception) -> int:
+    print(f"hgrn-pretrain: invalid config:\n{err}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+
+def _train(cfg, resume: str, rank: int) -> int:
+    _setup_logging(rank)
     patch_for_cpu()
     import torch.distributed as dist
+
+    from hgrn_megatron.config_base import ConfigError
 
     from .checkpoint import CheckpointError
     from .trainer import TrainingAborted, train
 
+    log = logging.getLogger("hgrn_megatron.pretrain")
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=resume)
     except TrainingAborted as err:
-        logging.getLogger("hgrn_megatron.pretrain").error("aborted: %s", err)
+        log.error("aborted: %s", err)
         return EXIT_ABORTED
     except (CheckpointError, ConfigError) as err:  # the checkpoint or data do not fit this config / command
-        logging.getLogger("hgrn_megatron.pretrain").error("cannot start: %s", err)
+        log.error("cannot start: %s", err)
         return EXIT_CONFIG_ERROR
     finally:
+        # The exit code is decided: a stop signal from now on (a late notice, a burst) must not turn it into a
+        # death by that signal during the teardown or the interpreter's shutdown.
+        hold_stop_signals()
         if dist.is_initialized():
             dist.destroy_process_group()
-    logging.getLogger("hgrn_megatron.pretrain").info("exit %d: %s at step %d", result.exit_code, result.reason,
-                                                     result.step)
+    log.info("exit %d: %s at step %d", result.exit_code, result.reason, result.step)
     return result.exit_code
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hgrn_megatron.config import ModelConfig
-from hgrn_megatron.config_base import ConfigError, ConfigNode
+from hgrn_megatron.config_base import ConfigError, ConfigNode, field_annotation, is_list_of_str
 from hgrn_megatron.tokenizer.config import TokenizerConfig
 
 from .data.config import DataConfig
+from .preemption import DEFAULT_STOP_SIGNALS, signal_name_problem
 
 
 # ---------------------------------------------------------------- training loop
@@ -34,17 +35,26 @@ class TrainConfig(ConfigNode):
         None, gt=0, description="Wall-clock budget: save and exit with the requeue code once exceeded."
     )
     preemption_signals: list[str] = Field(
-        ["SIGUSR1", "SIGTERM"], description="Signals that request save-and-exit (requeue code) at the next step."
+        list(DEFAULT_STOP_SIGNALS),
+        description="Signals that request save-and-exit (requeue code) at the next step; a second SIGINT aborts.",
     )
+
+    @field_validator("preemption_signals")
+    @classmethod
+    def _catchable(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if problem := signal_name_problem(name):
+                raise ValueError(problem)
+        return names
 
 
 class OptimizerConfig(ConfigNode):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     min_lr: float = Field(3e-4, ge=0, description="Floor the schedule decays to.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decay; never applied to norms, biases, θ, lower bounds.")
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay, in [0, 1).")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay, in [0, 1).")
+    eps: float = Field(1e-8, gt=0, description="AdamW's denominator term.")
     clip_grad: float = Field(1.0, ge=0, description="Global gradient-norm clipping; 0 = off.")
 
 
@@ -144,6 +154,22 @@ class RunConfig(ConfigNode):
             if not torch.cuda.is_available():
                 raise ConfigError("train.precision: fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
 
+    def check_start_files(self) -> None:
+        """What a training start needs from the filesystem, checked on every rank before any process group:
+        the shards resolve, the tokenizer loads, and run_dir is (or can become) a directory."""
+        from hgrn_megatron.tokenizer import Tokenizer, TokenizerError
+
+        self.data.check_paths()
+        try:
+            Tokenizer.load(self.tokenizer.model)
+        except (TokenizerError, OSError) as err:
+            raise ConfigError(f"tokenizer.model: {err}") from None
+        run_dir = Path(self.run_dir)
+        for path in (run_dir, *run_dir.parents):
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"run_dir: {path} is a file, not a directory" +
+                                  ("" if path == run_dir else f" (so {run_dir} cannot be created)"))
+
     def grad_accumulation_steps(self, dp_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * dp_size)
 
@@ -180,15 +206,15 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 # ---------------------------------------------------------------- loading
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed by `override_value`."""
     tree = copy.deepcopy(tree)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = tree
         parts = key.strip().split(".")
+        value = override_value(item, raw, field_annotation(RunConfig, parts))
+        node = tree
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -198,6 +224,48 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def override_value(item: str, raw: str, annotation: Any) -> Any:
+    """The value of one override: YAML (safe_load: tags never construct objects), except where that cannot be
+    what was meant for a text field. Paths and globs are text: `*.zst` is a YAML alias and `[ab]` a YAML list,
+    so a field of type str takes the text as written unless YAML reads it as a string or null, and a list of
+    strings falls back to splitting `[a, b]` at the commas outside brackets (or to the one item as written)."""
+    if raw == "":
+        return ""
+    text_list = is_list_of_str(annotation)
+    text = annotation is str or annotation == (str | None)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        if (text or text_list) and not isinstance(err, yaml.constructor.ConstructorError):  # a tag stays an error
+            return _split_list(raw) if text_list else raw
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override '{item}': not a valid YAML value ({problem})") from None
+    if text and value is not None and not isinstance(value, str):
+        return raw
+    if text_list and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        return _split_list(raw)
+    return value
+
+
+def _split_list(raw: str) -> list[str]:
+    """`[a/[ab]*.zst, b]` -> ['a/[ab]*.zst', 'b']: commas inside brackets belong to a glob's character class."""
+    inner = raw.strip()
+    if not (inner.startswith("[") and inner.endswith("]")):
+        return [raw]
+    items, depth, current = [], 0, ""
+    for ch in inner[1:-1]:
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        current += ch
+    items.append(current)
+    items = [item.strip() for item in items]
+    return [item[1:-1] if len(item) > 1 and item[0] == item[-1] and item[0] in "'\"" else item
+            for item in items if item]
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     tree: dict = {}
     if path is not None:
@@ -205,9 +273,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                              "save it as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     tree = apply_overrides(tree, list(overrides))

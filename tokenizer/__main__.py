@@ -12,6 +12,7 @@ import logging
 import sys
 
 from hgrn_megatron.config_base import ConfigError
+from hgrn_megatron.runtime_env import exit_quietly_on_broken_pipe
 
 from .config import TokenizerTrainConfig
 from .model import Tokenizer, TokenizerError, vocab_padding
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

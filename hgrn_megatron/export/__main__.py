@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from hgrn_megatron.export.checkpoint_reader import ExportError
+from hgrn_megatron.runtime_env import exit_quietly_on_broken_pipe
 
 EXIT_BAD_INPUT = 2
 
@@ -24,6 +25,7 @@ def parse_size(text: str) -> int:
     return int(upper)
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hgrn-export-hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,

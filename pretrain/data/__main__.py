@@ -29,6 +29,7 @@ from hgrn_megatron.corpus.shards import (
     resolve_shards,
     shard_display_names,
 )
+from hgrn_megatron.runtime_env import exit_quietly_on_broken_pipe
 
 ENCODE_BATCH_DOCS = 64
 EXAMPLES_PER_KIND = 3
@@ -134,6 +135,7 @@ def print_report(report: dict, with_tokens: bool) -> None:
         print(f"  no documents: {name}: {problem}")
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="hgrn-data", description=__doc__.splitlines()[0])
