@@ -165,7 +165,7 @@ def _train(cfg, resume: str, rank: int) -> int:
 
     from hgrn_megatron.config_base import ConfigError
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, CheckpointWriteError
     from .trainer import TrainingAborted, train
 
     log = logging.getLogger("hgrn_megatron.pretrain")
@@ -174,6 +174,9 @@ def _train(cfg, resume: str, rank: int) -> int:
     except TrainingAborted as err:
         log.error("aborted: %s", err)
         return EXIT_ABORTED
+    except CheckpointWriteError as err:  # e.g. a full disk: the environment failed, not the config
+        log.error("checkpoint not written: %s", err)
+        return 1
     except (CheckpointError, ConfigError) as err:  # the checkpoint or data do not fit this config / command
         log.error("cannot start: %s", err)
         return EXIT_CONFIG_ERROR

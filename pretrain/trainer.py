@@ -31,6 +31,7 @@ from .evaluation import evaluate
 from .fault_injection import FaultInjection
 from .metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
 from .preemption import StopRequest
+from .run_lock import lock_run_dir
 from .train_state import RunLayout, TrainState, run_state_dict, saved_layout
 
 log = logging.getLogger("hgrn_megatron.pretrain")
@@ -179,9 +180,10 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.grad_accum = cfg.grad_accumulation_steps(self.dp_size)
         self.run_dir, self.ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+        # One trainer per run directory: held until this process exits; RunDirLocked on every rank if refused.
+        self.run_lock = lock_run_dir(self.run_dir, self.rank)
         if self.rank == 0:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
                 ckpt_io.atomic_write_bytes(self.run_dir / "config.yaml", dump_config(cfg).encode())
             except OSError as err:
                 where = self.run_dir / "config.yaml"

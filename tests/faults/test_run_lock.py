@@ -121,7 +121,6 @@ def test_every_rank_learns_that_rank_0_was_refused(tmp_path):
         ["held", "not rank 0"]
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer does not take the run-directory lock yet (lock_run_dir)")
 def test_a_second_hgrn_pretrain_on_a_running_run_dir_exits_2_naming_the_first(tmp_path):
     from hgrn_megatron.pretrain import EXIT_REQUEUE
 
