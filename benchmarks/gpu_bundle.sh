@@ -18,7 +18,7 @@ PY_VERSION=3.12
 OUT=.gpu-bundle
 LIMIT_MIB=64
 PLATFORMS=()
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --python-version) PY_VERSION=${2:?--python-version needs X.Y}; shift 2 ;;

@@ -7,6 +7,7 @@ node without network, before anything is installed: so this file needs only the 
     python benchmarks/gpu_bundle_tool.py manifest DIR --python-version 3.12   # check the closure, write manifest
     python benchmarks/gpu_bundle_tool.py size DIR             # tree + bundle against the 64 MiB limit
     python benchmarks/gpu_bundle_tool.py plan DIR             # node: NAME==VERSION to install (stale/ABI checks)
+    python benchmarks/gpu_bundle_tool.py unpack DIR TARGET NAME==VERSION...  # node without pip: unzip the wheels
     python benchmarks/gpu_bundle_tool.py check-target TARGET  # node: the install left the image's packages alone
     python benchmarks/gpu_bundle_tool.py versions TARGET      # node: what runs, and whether bundle or image gave it
 
@@ -209,6 +210,32 @@ def install_plan(folder: Path) -> list[str]:
     return plan
 
 
+def unpack(folder: Path, target: Path, specs: list[str]) -> int:
+    """Install wheels without pip (for an image that lacks it): a wheel is a zip of its import tree, plus
+    `NAME.data/{purelib,platlib}/` to merge into it and `scripts`/`headers`/`data`, which the suite never uses."""
+    files = {f"{w['name']}=={w['version']}": w["file"] for w in read_manifest(folder)["wheels"]}
+    for spec in specs:
+        if spec not in files:
+            fail(f"{folder}: no wheel for {spec} in its manifest")
+        with zipfile.ZipFile(folder / files[spec]) as zf:
+            for member in zf.infolist():
+                parts = Path(member.filename).parts
+                if ".." in parts or member.filename.startswith("/"):
+                    fail(f"{files[spec]}: unsafe member path {member.filename}")
+                if parts[0].endswith(".data"):
+                    if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                        continue
+                    parts = parts[2:]
+                if member.is_dir():
+                    continue
+                dest = target.joinpath(*parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(zf.read(member))
+                if member.external_attr >> 16 & 0o111:
+                    dest.chmod(0o755)
+    return 0
+
+
 def check_target(target: Path) -> int:
     """The offline install put nothing of the image's into the target, and did put the project there."""
     intruders = [p.name for p in target.iterdir()
@@ -260,6 +287,10 @@ def main(argv=None) -> int:
     size = sub.add_parser("size")
     size.add_argument("folder", type=Path)
     size.add_argument("--limit-mib", type=float, default=LIMIT_MIB)
+    unpack_parser = sub.add_parser("unpack")
+    unpack_parser.add_argument("folder", type=Path)
+    unpack_parser.add_argument("target", type=Path)
+    unpack_parser.add_argument("specs", nargs="+")
     for name in ("plan", "check-target"):
         sub.add_parser(name).add_argument("folder", type=Path)
     sub.add_parser("versions").add_argument("folder", type=Path, nargs="?")
@@ -273,6 +304,8 @@ def main(argv=None) -> int:
         return size_report(args.folder, args.limit_mib)
     elif args.command == "plan":
         print(" ".join(install_plan(args.folder)))
+    elif args.command == "unpack":
+        return unpack(args.folder, args.target, args.specs)
     elif args.command == "check-target":
         return check_target(args.folder)
     elif args.command == "versions":

@@ -65,9 +65,15 @@ if [[ -n "$BUNDLE" ]]; then
     TOOL=(env PYTHONDONTWRITEBYTECODE=1 "$PYTHON" "$ROOT/benchmarks/gpu_bundle_tool.py")
     PLAN=$("${TOOL[@]}" plan "$BUNDLE" 2> >(tee -a "$OUT_DIR/env.txt" >&2)) || exit 2
     # --isolated: no pip configuration or environment (indexes, find-links, constraints) but what is given here.
+    # An image without pip gets the wheels unzipped (they need no build step, and --no-deps resolves nothing).
+    INSTALL=("$PYTHON" -m pip --isolated install --no-index --find-links "$BUNDLE" --no-deps --target "$TARGET"
+             --disable-pip-version-check --quiet)
+    if ! "$PYTHON" -m pip --version > /dev/null 2>&1; then
+        echo "gpu_suite: no pip in this image: unpacking the wheels instead" | tee -a "$OUT_DIR/env.txt"
+        INSTALL=("${TOOL[@]}" unpack "$BUNDLE" "$TARGET")
+    fi
     # shellcheck disable=SC2086 - PLAN is NAME==VERSION words
-    if ! timeout "$(limit 120)" "$PYTHON" -m pip --isolated install --no-index --find-links "$BUNDLE" --no-deps \
-            --target "$TARGET" --disable-pip-version-check --quiet $PLAN >> "$OUT_DIR/env.txt" 2>&1; then
+    if ! timeout "$(limit 120)" "${INSTALL[@]}" $PLAN >> "$OUT_DIR/env.txt" 2>&1; then
         echo "gpu_suite: offline install of $BUNDLE failed (see $OUT_DIR/env.txt)" >&2
         tail -n 5 "$OUT_DIR/env.txt" >&2
         exit 1

@@ -124,6 +124,25 @@ def test_install_plan_checks_python_and_sources_and_skips_what_the_image_has(tmp
     assert broken.returncode == 2 and "not valid JSON" in broken.stderr
 
 
+def test_unpack_installs_a_wheel_without_pip(tmp_path):
+    """For an image without pip: the import tree and purelib data are unzipped into the target, scripts are not."""
+    bundle, target = tmp_path / "bundle", tmp_path / "target"
+    _manifest(bundle, wheels=[{"name": "pkg", "version": "1.0", "file": "pkg-1.0-py3-none-any.whl"}])
+    with zipfile.ZipFile(bundle / "pkg-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("pkg/__init__.py", "VALUE = 3\n")
+        zf.writestr("pkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\n")
+        zf.writestr("pkg-1.0.data/purelib/pkg_extra.py", "EXTRA = 4\n")
+        zf.writestr("pkg-1.0.data/scripts/pkg-tool", "#!/bin/sh\n")
+    assert tool.unpack(bundle, target, ["pkg==1.0"]) == 0
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
+        "pkg-1.0.dist-info/METADATA", "pkg/__init__.py", "pkg_extra.py"]
+    found = subprocess.run([sys.executable, "-c", "import pkg, pkg_extra; print(pkg.VALUE + pkg_extra.EXTRA)"],
+                           env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "7"
+    with pytest.raises(SystemExit):
+        tool.unpack(bundle, target, ["pkg==2.0"])
+
+
 def test_target_check_refuses_the_image_packages(tmp_path):
     (tmp_path / "hgrn_megatron").mkdir()
     assert tool.check_target(tmp_path) == 0
@@ -221,6 +240,19 @@ def test_bundle_installs_offline_and_the_cpu_smoke_suite_runs_from_it(tmp_path):
                             capture_output=True, text=True, check=True, env=_node_env(python, tmp_path / "x"),
                             cwd=tmp_path)  # not the repository root: its hgrn_megatron/ folder would be found
     assert before.stdout.strip() == "['torch', 'triton', 'numpy']"  # the image alone: no bundled package yet
+
+    # Without pip the wheels are unzipped: the same import tree as pip's install (less pip's own records).
+    unpacked, by_pip = tmp_path / "unpacked", tmp_path / "by-pip"
+    specs = [f"{w['name']}=={w['version']}" for w in manifest["wheels"]]
+    assert tool.unpack(bundle, unpacked, specs) == 0
+    subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(bundle),
+                    "--no-deps", "--no-compile", "--target", str(by_pip), "--quiet", *specs], check=True)
+
+    def tree(root: Path) -> set[str]:
+        skip = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
+        return {str(p.relative_to(root)) for p in root.rglob("*")
+                if p.is_file() and p.name not in skip and p.relative_to(root).parts[0] != "bin"}
+    assert tree(unpacked) == tree(by_pip)
 
     out = tmp_path / "suite"
     run = _bash([str(BENCH / "gpu_suite.sh"), "--cpu-smoke", "--bundle", str(bundle)],
