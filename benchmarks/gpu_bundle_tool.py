@@ -238,6 +238,9 @@ def unpack(folder: Path, target: Path, specs: list[str]) -> int:
 
 def check_target(target: Path) -> int:
     """The offline install put nothing of the image's into the target, and did put the project there."""
+    if not target.is_dir():
+        print(f"gpu_bundle: {target}: no such install target", file=sys.stderr)
+        return 1
     intruders = [p.name for p in target.iterdir()
                  if is_image_package(p.name.split("-")[0]) or p.name in ("torchgen", "functorch")]
     if intruders:

@@ -276,3 +276,22 @@ def test_bundle_installs_offline_and_the_cpu_smoke_suite_runs_from_it(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["env.txt", "scan.json", "scan.log", "scan_compile.log", "suite.json", "train.json",
                      "train.log"]
+
+
+@pytest.mark.heavy
+def test_default_bundle_installs_offline_for_the_nodes_python_312(tmp_path):
+    """The bundle as shipped (Python 3.12, cp312 manylinux wheels) installs with no index for a CPython 3.12
+    x86-64 interpreter, as pip on the node selects wheels, and leaves the image's packages out."""
+    bundle, target = tmp_path / "bundle", tmp_path / "target"
+    built = _bash([str(BENCH / "gpu_bundle.sh"), "--out", str(bundle)], timeout=900)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    manifest = json.loads((bundle / tool.MANIFEST).read_text())
+    assert manifest["python_version"] == "3.12"
+    specs = [f"{w['name']}=={w['version']}" for w in manifest["wheels"]]
+    platforms = re.search(r"PLATFORMS=\((manylinux[^)]*)\)", (BENCH / "gpu_bundle.sh").read_text()).group(1).split()
+    subprocess.run([sys.executable, "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(bundle),
+                    "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+                    "--abi", "cp312", *[a for p in platforms for a in ("--platform", p)], "--target", str(target),
+                    "--quiet", *specs], check=True)
+    assert tool.check_target(target) == 0
+    assert list((target / "pydantic_core").glob("_pydantic_core.cpython-312-x86_64-linux-gnu.so"))
