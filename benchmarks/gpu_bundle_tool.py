@@ -34,7 +34,8 @@ LIMIT_MIB = 64
 # own wheel come on top. The list is the closure of what the suite imports, less the image (`manifest` checks it).
 DOWNLOADED = ["megatron-core", "zstandard", "sentencepiece", "pyyaml", "pydantic", "pydantic-core",
               "annotated-types", "typing-extensions", "typing-inspection", "einops", "hjson", "msgpack", "ninja",
-              "psutil", "py-cpuinfo", "tqdm", "packaging", "numpy"]
+              "psutil", "py-cpuinfo", "tqdm", "packaging", "numpy",
+              "fla-core"]  # fla's kernels, the scan benchmark's baseline (its umbrella package wants transformers)
 IF_MISSING = {"numpy": "numpy"}  # distribution -> module: installed only where the image cannot import it
 IMAGE = ("torch", "triton", "setuptools")  # plus nvidia-*: the image's, never the bundle's
 # Requirements of the project that the suite never imports (Hugging Face export, TensorBoard logging).
@@ -261,7 +262,7 @@ def versions(target: Path | None) -> int:
     for dist, module in (("torch", "torch"), ("triton", "triton"), ("numpy", "numpy"), ("deepspeed", "deepspeed"),
                          ("megatron-core", "megatron.core"), ("pydantic", "pydantic"), ("sentencepiece",
                          "sentencepiece"), ("zstandard", "zstandard"), ("pyyaml", "yaml"),
-                         ("hgrn-megatron", "hgrn_megatron")):
+                         ("fla-core", "fla"), ("hgrn-megatron", "hgrn_megatron")):
         try:
             spec = importlib.util.find_spec(module)
         except ImportError:

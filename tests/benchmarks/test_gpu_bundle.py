@@ -26,7 +26,8 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import gpu_bundle_tool as tool  # noqa: E402
 
-BUNDLED_MODULES = ["deepspeed", "megatron.core", "pydantic", "zstandard", "sentencepiece", "yaml", "hgrn_megatron"]
+BUNDLED_MODULES = ["deepspeed", "megatron.core", "pydantic", "zstandard", "sentencepiece", "yaml", "fla",
+                   "hgrn_megatron"]
 
 
 def _bash(args: list[str], env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -226,7 +227,7 @@ def test_bundle_installs_offline_and_the_cpu_smoke_suite_runs_from_it(tmp_path):
     assert re.search(r"together \d+\.\d MiB of 64 MiB", built.stdout)
     manifest = json.loads((bundle / tool.MANIFEST).read_text())
     names = {w["name"] for w in manifest["wheels"]}
-    assert {"deepspeed", "megatron-core", "hgrn-megatron", "zstandard", "sentencepiece", "pydantic"} <= names
+    assert {"deepspeed", "megatron-core", "hgrn-megatron", "zstandard", "sentencepiece", "pydantic", "fla-core"} <= names
     assert not any(tool.is_image_package(n) for n in names)
     # Over the limit: refused, and the bundle already there is left as it was.
     refused = _bash([str(BENCH / "gpu_bundle.sh"), "--python-version", here, "--out", str(bundle),
@@ -253,6 +254,11 @@ def test_bundle_installs_offline_and_the_cpu_smoke_suite_runs_from_it(tmp_path):
         return {str(p.relative_to(root)) for p in root.rglob("*")
                 if p.is_file() and p.name not in skip and p.relative_to(root).parts[0] != "bin"}
     assert tree(unpacked) == tree(by_pip)
+    # The scan benchmark's baseline imports from the bundle alone (on a GPU it times it; the smoke run skips it).
+    fla = subprocess.run([str(python), "-c", "from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn"],
+                         env={**_node_env(python, tmp_path / "x"), "PYTHONPATH": str(unpacked)}, cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert fla.returncode == 0, fla.stderr[-2000:]
 
     out = tmp_path / "suite"
     run = _bash([str(BENCH / "gpu_suite.sh"), "--cpu-smoke", "--bundle", str(bundle)],
@@ -260,7 +266,8 @@ def test_bundle_installs_offline_and_the_cpu_smoke_suite_runs_from_it(tmp_path):
     log = run.stdout[-3000:] + run.stderr[-3000:]
     assert run.returncode == 0, log
     env_txt = (out / "env.txt").read_text()
-    for dist in ("deepspeed", "megatron-core", "pydantic", "zstandard", "sentencepiece", "pyyaml", "hgrn-megatron"):
+    for dist in ("deepspeed", "megatron-core", "pydantic", "zstandard", "sentencepiece", "pyyaml", "fla-core",
+                 "hgrn-megatron"):
         assert re.search(rf"^{dist} +\S+ +bundle ", env_txt, re.M), (dist, env_txt)
     for dist in ("torch", "triton", "numpy"):
         assert re.search(rf"^{dist} +\S+ +image ", env_txt, re.M), (dist, env_txt)
