@@ -284,6 +284,20 @@ def test_bundle_installs_offline_and_the_cpu_smoke_suite_runs_from_it(tmp_path):
     assert files == ["env.txt", "scan.json", "scan.log", "scan_compile.log", "suite.json", "train.json",
                      "train.log"]
 
+    # The GPU mode's plumbing on an image without pip: the wheels are unpacked, the parts run under their limits
+    # and fail for want of a device (exit 2 each), and the report is still written.
+    for entry in (tmp_path / "image").glob("pip*"):
+        entry.unlink()
+    gpu_out = tmp_path / "gpu-mode"
+    gpu = _bash([str(BENCH / "gpu_suite.sh"), "--bundle", str(bundle)], env=_node_env(python, gpu_out), timeout=600)
+    assert gpu.returncode == 0, gpu.stdout[-3000:] + gpu.stderr[-3000:]
+    env_txt = (gpu_out / "env.txt").read_text()
+    assert "no pip in this image: unpacking the wheels instead" in env_txt
+    assert re.search(r"^megatron-core +\S+ +bundle ", env_txt, re.M), env_txt
+    assert "scan benchmark: exit 2" in gpu.stdout and "training steps: exit 2" in gpu.stdout
+    assert "no CUDA device" in (gpu_out / "scan.log").read_text()
+    assert sorted(p.name for p in gpu_out.iterdir()) == ["env.txt", "scan.log", "suite.json", "train.log"]
+
 
 @pytest.mark.heavy
 def test_default_bundle_installs_offline_for_the_nodes_python_312(tmp_path):
