@@ -12,6 +12,7 @@
 # glibc 2.28); --out DIR (default .gpu-bundle); --limit-mib N (default 64). Exit 2: bad arguments; 3: too big.
 # DeepSpeed's wheel is cached in .cache/gpu-bundle/ (the same py3-none-any wheel serves every Python).
 set -euo pipefail
+CALLER=$(pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY_VERSION=3.12
@@ -23,7 +24,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --python-version) PY_VERSION=${2:?--python-version needs X.Y}; shift 2 ;;
         --platform) PLATFORMS+=("${2:?--platform needs a tag}"); shift 2 ;;
-        --out) OUT=${2:?--out needs a folder}; shift 2 ;;
+        --out) OUT=${2:?--out needs a folder}; [[ "$OUT" == /* ]] || OUT="$CALLER/$OUT"; shift 2 ;;
         --limit-mib) LIMIT_MIB=${2:?--limit-mib needs a number}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_bundle: unknown argument '$1' (see --help)" >&2; exit 2 ;;

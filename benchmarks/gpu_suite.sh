@@ -19,6 +19,7 @@
 # GPU, 1500 for the smoke run), so a hang cannot eat the whole slot; a part that fails is reported in the
 # table and the others still run.
 set -uo pipefail
+CALLER=$(pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 MODE=gpu
@@ -27,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --cpu-smoke) MODE=smoke; shift ;;
         --bundle) [[ -n "${2:-}" ]] || { echo "gpu_suite: --bundle needs a folder" >&2; exit 2; }
-                  BUNDLE=$2; shift 2 ;;
+                  BUNDLE=$2; [[ "$BUNDLE" == /* ]] || BUNDLE="$CALLER/$BUNDLE"; shift 2 ;;
         -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_suite: unknown argument '$1' (expected --cpu-smoke, --bundle DIR)" >&2; exit 2 ;;
     esac
