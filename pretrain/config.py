@@ -89,6 +89,16 @@ class CheckpointConfig(ConfigNode):
         False, description="Write the shards in a background thread: a step waits only for the snapshot of the "
         "state to host memory; the checkpoint is committed once every rank's writes succeeded."
     )
+    init_from: str | None = Field(
+        None, description="Start a new training phase from the weights of this checkpoint (a step folder or a run "
+        "directory: its newest usable checkpoint), at any TP/DP/CP size, with this run's own data, schedule and "
+        "step counter (context extension, annealing, a new mixture). Used only while this run has no checkpoint "
+        "of its own; the architecture must match (seq_length may differ)."
+    )
+    init_optimizer: bool = Field(
+        False, description="With init_from: also take the AdamW moments (else they start at zero, as Megatron's "
+        "--finetune does)."
+    )
     keep_last: int = Field(2, gt=0, description="Keep the newest K checkpoints...")
     keep_every: int | None = Field(None, gt=0, description="...plus every checkpoint whose step is a multiple of M.")
     save_at_end: bool = True

@@ -139,7 +139,9 @@ class Trainer:
             tokenizer_sha256=self.tokenizer.sha256, vocab_size=self.tokenizer.vocab_size,
             padded_vocab_size=padded_vocab_size(self.tokenizer.vocab_size, self.tp), cp_size=self.cp,
         )
+        self.parent: tuple[str, int] | None = None  # the checkpoint a new phase started from
         ckpt_dir, saved, universal = self._resume(resume)
+        self._write_config()
         self.checkpointer = ckpt_io.Checkpointer(self.engine, self.ckpt_root,
                                                  ckpt_io.RetentionPolicy.from_config(cfg.checkpoint),
                                                  background=cfg.checkpoint.async_save)
@@ -156,6 +158,9 @@ class Trainer:
         self.startup.mark("data and validation")
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.rank == 0,
                                      start_step=self.state.step)
+        if self.parent:
+            self.metrics.write({"split": "init", "step": 0, "init_from": self.parent[0],
+                                "init_from_step": self.parent[1]}, prefix="init")
         self.saved_at, self._saved_time = self.state.step, time.monotonic()
         self._interval_start, self._interval_wait, self._interval_steps = time.perf_counter(), 0.0, 0
         self._describe()
@@ -182,44 +187,66 @@ class Trainer:
         self.run_dir, self.ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
         # One trainer per run directory: held until this process exits; RunDirLocked on every rank if refused.
         self.run_lock = lock_run_dir(self.run_dir, self.rank)
+
+    def _write_config(self) -> None:
+        """Rank 0: the resolved config into RUN_DIR, once the resume checks passed (a refused resume leaves the
+        run's config as it was)."""
         if self.rank == 0:
             try:
-                ckpt_io.atomic_write_bytes(self.run_dir / "config.yaml", dump_config(cfg).encode())
+                ckpt_io.atomic_write_bytes(self.run_dir / "config.yaml", dump_config(self.cfg).encode())
             except OSError as err:
                 where = self.run_dir / "config.yaml"
                 raise ckpt_io.CheckpointWriteError(ckpt_io.describe_write_error(err, where)) from None
 
     def _resume(self, resume: str) -> tuple[Path | None, dict | None, bool]:
-        """Build the engine and load the newest usable checkpoint into it: (its folder, its run state, whether it
-        went through the universal format), or (None, None, False) for a fresh start. A checkpoint whose bytes do
-        not match its manifest, or that fails to load, is skipped (with a warning) for the next older one; when
-        checkpoints exist and none is usable, that is an error, not a fresh start."""
+        """Build the engine and load the newest usable checkpoint of this run into it: (its folder, its run state,
+        whether it went through the universal format), or (None, None, False) for a start at step 0, from
+        `checkpoint.init_from`'s weights or from a random initialisation."""
         found = self._on_rank0(lambda: [str(p) for p in ckpt_io.resume_candidates(resume, self.ckpt_root)])
-        skipped, built_for = [], None
-        for ckpt_dir in map(Path, found):
+        if found:
+            return self._load_first_usable(map(Path, found), new_phase=False)
+        init_from = self.cfg.checkpoint.init_from
+        if init_from:
+            parents = self._on_rank0(lambda: [str(p) for p in ckpt_io.resume_candidates(init_from, Path(init_from))])
+            if not parents:
+                raise ckpt_io.CheckpointError(f"checkpoint.init_from {init_from}: no checkpoint there")
+            parent, saved, _ = self._load_first_usable(map(Path, parents[:1]), new_phase=True)
+            self.parent = (str(parent), saved["step"])
+            log.info("new phase from the weights%s of %s (step %d of its run)",
+                     " and optimizer state" if self.cfg.checkpoint.init_optimizer else "", parent, saved["step"])
+        else:
+            self.engine = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size)
+        _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
+        self._set_aside_after(0)
+        return None, None, False
+
+    def _load_first_usable(self, candidates, new_phase: bool) -> tuple[Path, dict, bool]:
+        """Load the first of `candidates` whose bytes check out and that loads; a checkpoint that does not is
+        skipped (with a warning) for the next; none usable is an error, never a silent fresh start. A new phase
+        (`checkpoint.init_from`) takes the weights (and, if asked, the optimizer state) only."""
+        skipped, built_for, root = [], None, None
+        for ckpt_dir in candidates:
+            root = ckpt_dir.parent
             problem = self._agreed_problem(lambda d=ckpt_dir: ckpt_io.content_problem(d, self.rank, self.world))
             saved = None if problem else ckpt_io.read_run_state(ckpt_dir)
             if saved is not None:
-                universal = self._check_resumable(ckpt_dir, saved)
+                universal = self._check_resumable(ckpt_dir, saved, new_phase)
                 if built_for != universal:  # every weight comes from the checkpoint: no random initialisation
                     self.engine, built_for = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size,
                                                           load_universal=universal, initialize=False), universal
                 _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
                 self.startup.mark("model build")
+                optimizer = not new_phase or self.cfg.checkpoint.init_optimizer
                 problem = self._agreed_problem(lambda d=ckpt_dir, u=universal: ckpt_io.load_checkpoint(
-                    self.engine, d, universal=u))
+                    self.engine, d, universal=u, weights_only=new_phase, optimizer=optimizer))
                 self.startup.mark(f"checkpoint load{' (universal conversion)' if universal else ''}")
             if problem is None:
-                self._set_aside_after(saved["step"])
+                if not new_phase:
+                    self._set_aside_after(saved["step"])
                 return ckpt_dir, saved, universal
             log.warning("checkpoint %s is not usable (%s); trying an older one", ckpt_dir, problem)
             skipped.append(f"{ckpt_dir.name}: {problem}")
-        if skipped:
-            raise ckpt_io.unusable_error(self.ckpt_root, skipped)
-        self.engine = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size)
-        _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
-        self._set_aside_after(0)
-        return None, None, False
+        raise ckpt_io.unusable_error(root, skipped)
 
     def _on_rank0(self, fn):
         """fn() on rank 0, its result (or its CheckpointError) on every rank."""
@@ -251,7 +278,7 @@ class Trainer:
             if moved := ckpt_io.set_aside_later_checkpoints(self.ckpt_root, step):
                 log.warning("checkpoints after step %d (an abandoned run) moved to %s", step, moved)
 
-    def _check_resumable(self, ckpt_dir: Path, saved: dict) -> bool:
+    def _check_resumable(self, ckpt_dir: Path, saved: dict, new_phase: bool = False) -> bool:
         """Raise CheckpointError unless this job can continue `ckpt_dir`; True when it must go through DeepSpeed's
         universal (layout-free) checkpoint, i.e. at another DP or TP size."""
         before = saved_layout(saved)
@@ -260,7 +287,8 @@ class Trainer:
                 f"{ckpt_dir}: trained with tokenizer sha256 {before.tokenizer_sha256[:12]}..., but "
                 f"{self.cfg.tokenizer.model} has {self.layout.tokenizer_sha256[:12]}...; resume with the same tokenizer"
             )
-        if differences := ckpt_io.model_differences(ckpt_dir, self.cfg.model):
+        allowed = ckpt_io.NEW_PHASE_MODEL_CHANGES if new_phase else ckpt_io.RESUMABLE_MODEL_CHANGES
+        if differences := ckpt_io.model_differences(ckpt_dir, self.cfg.model, allowed):
             raise ckpt_io.CheckpointError(
                 f"{ckpt_dir}: the model differs from the checkpoint's ({'; '.join(differences)}); resume with the "
                 "checkpoint's model settings, or start a new run"

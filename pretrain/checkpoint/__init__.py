@@ -26,6 +26,8 @@ from .files import (
 )
 from .load import (
     DS_UNIVERSAL_TAG,
+    NEW_PHASE_MODEL_CHANGES,
+    RESUMABLE_MODEL_CHANGES,
     content_problem,
     convert_to_universal,
     find_resume_checkpoint,
@@ -52,6 +54,8 @@ __all__ = [
     "DS_TAG",
     "DS_UNIVERSAL_TAG",
     "MANIFEST",
+    "NEW_PHASE_MODEL_CHANGES",
+    "RESUMABLE_MODEL_CHANGES",
     "CheckpointError",
     "CheckpointWriteError",
     "Checkpointer",

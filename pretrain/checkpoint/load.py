@@ -98,9 +98,13 @@ RESUMABLE_MODEL_CHANGES = frozenset(
 )
 
 
-def model_differences(ckpt_dir: Path, model_cfg) -> list[str]:
+# A new training phase from a checkpoint may also change the sequence length and the document handling.
+NEW_PHASE_MODEL_CHANGES = RESUMABLE_MODEL_CHANGES | {"seq_length", "reset_at_document_boundary"}
+
+
+def model_differences(ckpt_dir: Path, model_cfg, allowed: frozenset[str] = RESUMABLE_MODEL_CHANGES) -> list[str]:
     """`field: saved X, now Y` for every model setting that differs from the checkpoint's `config.yaml` (other than
-    those in RESUMABLE_MODEL_CHANGES); settings newer than the checkpoint compare as their defaults."""
+    those in `allowed`); settings newer than the checkpoint compare as their defaults."""
     import yaml
 
     try:
@@ -110,7 +114,7 @@ def model_differences(ckpt_dir: Path, model_cfg) -> list[str]:
     saved = {**type(model_cfg)().model_dump(mode="json"), **saved}
     now = model_cfg.model_dump(mode="json")
     return [f"model.{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in sorted(now)
-            if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != now[k]]
+            if k not in allowed and saved.get(k) != now[k]]
 
 
 def read_run_state(ckpt_dir: Path) -> dict:
@@ -161,9 +165,11 @@ def conversion_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def load_checkpoint(engine, ckpt_dir: Path, universal: bool) -> None:
-    """Collective: load model + optimizer shards (universal format when the world size changed) and this
-    rank's RNG state (same world size only: otherwise the RNG streams are re-seeded by the caller)."""
+def load_checkpoint(engine, ckpt_dir: Path, universal: bool, weights_only: bool = False,
+                    optimizer: bool = True) -> None:
+    """Collective: load model + optimizer shards (universal format when the layout changed) and this rank's RNG
+    state (same layout only: otherwise the RNG streams are re-seeded by the caller). `weights_only`: the start of
+    a new phase: the weights (and with `optimizer` the AdamW state), never the RNG."""
     rank = dist.get_rank()
     if universal:
         if rank == 0:
@@ -172,10 +178,11 @@ def load_checkpoint(engine, ckpt_dir: Path, universal: bool) -> None:
         tag = DS_UNIVERSAL_TAG
     else:
         tag = DS_TAG
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False,
+                                          load_optimizer_states=optimizer, load_module_only=not optimizer)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    if not universal:
+    if not universal and not weights_only:
         set_rng_state(torch.load(ckpt_dir / "rng" / f"rank-{rank:05d}.pt", weights_only=False))
 
 
