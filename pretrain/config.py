@@ -39,6 +39,20 @@ class TrainConfig(ConfigNode):
     inject_nonfinite_at_steps: list[int] = Field(
         [], description="Testing aid: multiply the loss by NaN at these steps (1-based) to exercise skipping."
     )
+    # Hang detection (pretrain/watchdog.py, docs/LAUNCH.md "Failures"): a rank without progress for this long
+    # dumps its threads' stacks to run_dir/hangs/ and exits 76, which the sbatch script requeues.
+    hang_timeout_minutes: float = Field(
+        10.0, ge=0, description="Watchdog limit after the first step: longer than any step, eval pass or "
+        "checkpoint save; 0 = no watchdog."
+    )
+    hang_startup_minutes: float = Field(
+        30.0, gt=0, description="Watchdog limit until the first step completes (rendezvous, engine, resume, "
+        "first compilation)."
+    )
+    collective_timeout_minutes: float = Field(
+        15.0, gt=0, description="Timeout of every gloo/NCCL collective once the first step completed (start-up "
+        "keeps 30 min); a collective waiting longer fails instead of hanging."
+    )
 
 
 class OptimizerConfig(ConfigNode):

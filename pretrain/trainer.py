@@ -25,11 +25,14 @@ from .distributed import (
     comm_device,
     init_distributed,
     init_model_parallel,
+    launch_env,
+    set_collective_timeout,
 )
 from .engine import build_engine, learning_rate, set_learning_rate
 from .evaluation import evaluate
 from .metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
 from .preemption import StopRequest
+from .watchdog import Watchdog
 
 log = logging.getLogger("hgrn_megatron.pretrain")
 
@@ -89,6 +92,15 @@ def _data_totals(loader, dp_group) -> dict:
 
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
+    watchdog = Watchdog(cfg.run_dir, launch_env().rank, cfg.train.hang_timeout_minutes * 60,
+                        cfg.train.hang_startup_minutes * 60)
+    try:
+        return _train(cfg, resume, watchdog)
+    finally:
+        watchdog.stop()
+
+
+def _train(cfg: RunConfig, resume: str, watchdog: Watchdog) -> TrainResult:
     from megatron.core import parallel_state as ps
 
     from hgrn_megatron.flops import count_parameters, flops_per_token
@@ -215,6 +227,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     saved_at = step
     try:
         while step < cfg.train.steps:
+            watchdog.step_started()
             lr = learning_rate(cfg, step)
             set_learning_rate(engine, lr)
             local_losses = []
@@ -261,6 +274,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
                         f"{cfg.train.max_nonfinite_in_a_row}) at step {step}; stopping without checkpointing"
                     )
             interval_steps += 1
+            if watchdog.beat(step):  # start-up is over: collectives need not wait init's 30 minutes any more
+                set_collective_timeout(cfg.train.collective_timeout_minutes)
 
             if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - interval_start
