@@ -64,7 +64,8 @@ peer_dead = os.path.join(run_dir, f"peer-died-{restart}")
 
 def maybe_crash(step):
     if os.path.exists(peer_dead):
-        sys.exit(1)  # as a collective whose peer died
+        time.sleep(0.5)  # as a collective whose peer died: it notices the closed connection a little later
+        sys.exit(1)
     if crashes_now and step == crash_at and rank == int(cfg.get("crash_rank", 1)):
         open(peer_dead, "w").close()
         os.kill(os.getpid(), getattr(signal, cfg.get("crash_signal", "SIGKILL")))
