@@ -198,7 +198,7 @@ def decide(run_dir: Path, exits_dir: Path, attempt: Attempt) -> tuple[str, int, 
     if record["last_logged_step"] is not None:
         record["steps_lost"] = max(0, record["last_logged_step"] - ckpt_step)
     action, code, suspect = _act(run_dir, attempt, cause, first, exits, checkpoint)
-    record.update(action=action, exclude_node=suspect)
+    record.update(action=action, suspect_node=suspect)
     _append_jsonl(run_dir / "restarts.jsonl", record)
     return action, code, suspect
 

@@ -49,7 +49,7 @@ def test_the_first_rank_to_fail_is_named_with_its_signal(tmp_path, capsys):
     assert "(1 other rank(s) failed after it)" in log
     assert "crash: failure 1 of at most 3 since checkpoint step-00000020" in log
     (record,) = _restarts(run_dir)
-    assert record["cause"] == "crash" and record["action"] == "requeue" and record["exclude_node"] == "n2"
+    assert record["cause"] == "crash" and record["action"] == "requeue" and record["suspect_node"] == "n2"
     assert record["first_failure"]["rank"] == 1 and record["first_failure"]["status"] == 137
     assert (record["checkpoint"], record["last_logged_step"], record["steps_lost"]) == ("step-00000020", 25, 5)
 

@@ -83,7 +83,7 @@ def test_a_crash_excludes_the_node_when_the_partition_has_spares_then_resumes(sl
     assert f"excluded node localhost from job {job_id} (ExcNodeList=localhost)" in output
     assert "killed by SIGSEGV (status 139)" in output
     (record,) = read_jsonl(run_dir / "restarts.jsonl")
-    assert (record["cause"], record["action"], record["exclude_node"]) == ("crash", "requeue", "localhost")
+    assert (record["cause"], record["action"], record["suspect_node"]) == ("crash", "requeue", "localhost")
     assert record["checkpoint"] == "step-00000002"
     # The second attempt resumed from the checkpoint and finished the run.
     assert json.loads((run_dir / "checkpoint.json").read_text())["step"] == 8
