@@ -24,6 +24,8 @@ fi
 rc=$?
 if [ -n "$exit_record" ]; then
   echo "exit $(date +%s.%N) ${SLURMD_NODENAME:-$(hostname -s)} $rc" >>"$exit_record" 2>/dev/null || true
+  # One file the batch shell can poll cheaply: some rank ended with neither success nor a checkpoint.
+  case "$rc" in 0 | "${HGRN_REQUEUE_EXIT:-75}") ;; *) : >"$HGRN_EXIT_DIR/failed" 2>/dev/null || true ;; esac
 fi
 if [ "$rc" = "${HGRN_REQUEUE_EXIT:-75}" ] && [ -n "${HGRN_REQUEUE_MARKER:-}" ]; then
   : >"$HGRN_REQUEUE_MARKER" 2>/dev/null || true

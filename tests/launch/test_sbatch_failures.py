@@ -61,7 +61,8 @@ def test_a_refusal_or_a_non_finite_abort_is_never_requeued(slurm_cluster, tmp_pa
 def test_a_crash_excludes_the_node_when_the_partition_has_spares_then_resumes(slurm_cluster, tmp_path):
     """The test cluster has one node: stand-ins for `sinfo` (4 nodes) and for `scontrol update` (recorded, not
     applied: excluding the only node would leave the job pending) check the command the script builds."""
-    run_dir, config, env = setup_run(tmp_path, steps=8, step_seconds=0.25, checkpoint_every=2, crash_at_step=4,
+    # Rank 1 crashes at the start of step 3, rank 0 a step later at the latest: the newest checkpoint is step 2.
+    run_dir, config, env = setup_run(tmp_path, steps=8, step_seconds=0.25, checkpoint_every=2, crash_at_step=3,
                                      crash_in_restarts=[0], crash_signal="SIGSEGV")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -113,11 +113,11 @@ def test_a_rank_killed_mid_run_is_requeued_and_resumes_with_the_same_losses(slur
 
 def test_a_stopped_rank_trips_the_peer_watchdog_and_the_job_resumes(slurm_cluster, tmp_path, reference_losses):
     """SIGSTOP stops every thread of that rank, its watchdog included: rank 0, waiting for it in a collective,
-    trips its own watchdog, dumps its stacks and exits 76; srun ends the step (HGRN_STEP_WAIT later), killing the
-    stopped rank; the job is requeued."""
+    trips its own watchdog, dumps its stacks and exits 76; the batch shell cancels the step HGRN_FAILURE_GRACE
+    seconds later (srun alone would wait HGRN_STEP_WAIT, 300 s), killing the stopped rank; the job is requeued."""
     config, run_dir = _config(tmp_path, hang_timeout_minutes=HANG_TIMEOUT_S / 60)
     log = tmp_path / "job.out"
-    job_id = slurm_cluster.submit(str(config), env={"HGRN_STEP_WAIT": "5"}, options=(f"--output={log}",))
+    job_id = slurm_cluster.submit(str(config), env={"HGRN_FAILURE_GRACE": "5"}, options=(f"--output={log}",))
     _wait_for_step(slurm_cluster, job_id, run_dir, CHECKPOINT_INTERVAL + 2, log)
     os.kill(_trainer_pid(run_dir, job_id, rank=1), signal.SIGSTOP)
     info = slurm_cluster.wait_finished(job_id, timeout=300, log=log)
@@ -133,6 +133,7 @@ def test_a_stopped_rank_trips_the_peer_watchdog_and_the_job_resumes(slurm_cluste
                      r'barrier|reduce|gather|scatter)\n', text), text
     assert not list((run_dir / "hangs").glob("rank-1-*")), "the stopped rank's own watchdog could not run"
     assert "first failure: rank 0 on node localhost" in output and "hang watchdog" in output
+    assert "a rank failed 5 s ago and step " in output and "cancelling the step (HGRN_FAILURE_GRACE)" in output
     record = _assert_resumed_and_equal(run_dir, reference_losses, output)
     assert record["cause"] == "hang" and record["first_failure"]["status"] == 76
     assert record["silent_ranks"] == [1], "the stopped rank never recorded an exit: it is the suspect"
