@@ -62,6 +62,15 @@ crash_at = int(cfg.get("crash_at_step", 0))
 crashes_now = crash_at and restart in cfg.get("crash_in_restarts", [restart])
 peer_dead = os.path.join(run_dir, f"peer-died-{restart}")
 
+if crash_at:
+    # Start together, as ranks leaving a rendezvous do: the crash then lands at the same step on every rank.
+    open(os.path.join(run_dir, f"ready-{restart}-{rank}"), "w").close()
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(os.path.join(run_dir, f"ready-{restart}-{r}")) for r in range(world)):
+        if time.monotonic() > deadline:
+            sys.exit("stand-in trainer: the other ranks did not start within 60 s")
+        time.sleep(0.01)
+
 def maybe_crash(step):
     if os.path.exists(peer_dead):
         time.sleep(0.5)  # as a collective whose peer died: it notices the closed connection a little later
