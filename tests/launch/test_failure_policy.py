@@ -140,9 +140,13 @@ def test_the_worker_records_start_and_exit_status(tmp_path):
     start, end = (tmp_path / "rank-3").read_text().splitlines()
     assert start.startswith("start ") and start.split()[2] == "n9"
     assert end.startswith("exit ") and end.split()[2:] == ["n9", "139"]
+    assert (tmp_path / "failed").exists(), "the one file the batch shell polls for a failed rank"
+    (tmp_path / "failed").unlink()
     # torchrun's own process (one per node, no RANK yet) records nothing; its workers do, by RANK.
     env.update(HGRN_LAUNCHER="torchrun", SLURM_PROCID="0")
     subprocess.run(["bash", str(WORKER_SH), "true"], env=env, check=True)
     assert not (tmp_path / "rank-0").exists()
     subprocess.run(["bash", str(WORKER_SH), "true"], env={**env, "RANK": "5"}, check=True)
     assert (tmp_path / "rank-5").read_text().splitlines()[1].endswith(" 0")
+    subprocess.run(["bash", str(WORKER_SH), "bash", "-c", "exit 75"], env={**env, "RANK": "6"}, check=False)
+    assert not (tmp_path / "failed").exists(), "finished and checkpointed-for-requeue ranks are no failure"
