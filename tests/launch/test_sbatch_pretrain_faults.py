@@ -17,7 +17,7 @@ import yaml
 
 from tests.launch.test_sbatch_pretrain import _write_config
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.heavy]  # about 6 minutes together: three real-trainer jobs
 
 STEPS = 40
 CHECKPOINT_INTERVAL = 10
