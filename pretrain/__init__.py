@@ -14,3 +14,6 @@ EXIT_ABORTED = 3
 """Too many non-finite steps in a row; no checkpoint of the poisoned state was written."""
 EXIT_REQUEUE = 75
 """Preempted (SIGUSR1/SIGTERM) or out of wall-clock budget: a checkpoint was saved; requeue to resume."""
+EXIT_HUNG = 76
+"""The hang watchdog found no progress for train.hang_timeout_minutes (or the start-up allowance); every thread's
+stack is in RUN_DIR/hangs/. Requeued like a crash."""

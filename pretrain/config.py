@@ -38,6 +38,20 @@ class TrainConfig(ConfigNode):
         list(DEFAULT_STOP_SIGNALS),
         description="Signals that request save-and-exit (requeue code) at the next step; a second SIGINT aborts.",
     )
+    # Hang detection (pretrain/watchdog.py, docs/LAUNCH.md "Failures"): a rank without progress for this long
+    # dumps its threads' stacks to run_dir/hangs/ and exits 76, which the sbatch script requeues.
+    hang_timeout_minutes: float = Field(
+        10.0, ge=0, description="Watchdog limit after the first step: longer than any step, eval pass or "
+        "checkpoint save; 0 = no watchdog."
+    )
+    hang_startup_minutes: float = Field(
+        30.0, gt=0, description="Watchdog limit until the first step completes (rendezvous, engine, resume, "
+        "first compilation)."
+    )
+    collective_timeout_minutes: float = Field(
+        15.0, gt=0, description="Timeout of every gloo/NCCL collective once the first step completed (start-up "
+        "keeps 30 min); a collective waiting longer fails instead of hanging."
+    )
 
     @field_validator("preemption_signals")
     @classmethod

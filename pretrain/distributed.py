@@ -65,6 +65,24 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> La
     return le
 
 
+def set_collective_timeout(minutes: float) -> int:
+    """Set the timeout of every process group this rank belongs to (gloo and NCCL; other backends are left as
+    they are). A collective that waits longer fails with an error on this rank instead of hanging: after
+    start-up the job should not wait out init_distributed's generous timeout. Returns how many groups changed."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(minutes=minutes)
+    changed = 0
+    # torch offers no public setter; _set_pg_timeout (torch >= 2.3) resets the backend's default timeout,
+    # which applies to every collective issued afterwards on that group.
+    for group in list(c10d._world.pg_map):
+        if c10d._rank_not_in_group(group):
+            continue
+        c10d._set_pg_timeout(timeout, group)
+        changed += 1
+    return changed
+
+
 def init_model_parallel(tensor_parallel_size: int, context_parallel_size: int = 1) -> None:
     from megatron.core import parallel_state
 

@@ -25,7 +25,15 @@ from . import EXIT_OK, EXIT_REQUEUE
 from . import checkpoint as ckpt_io
 from .config import RunConfig, dump_config
 from .data import model_inputs
-from .distributed import all_reduce_flag, all_reduce_max, comm_device, init_distributed, init_model_parallel
+from .distributed import (
+    all_reduce_flag,
+    all_reduce_max,
+    comm_device,
+    init_distributed,
+    init_model_parallel,
+    launch_env,
+    set_collective_timeout,
+)
 from .engine import build_engine, learning_rate, set_learning_rate
 from .evaluation import evaluate
 from .fault_injection import FaultInjection
@@ -33,6 +41,7 @@ from .metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
 from .preemption import StopRequest
 from .run_lock import lock_run_dir
 from .train_state import RunLayout, TrainState, run_state_dict, saved_layout
+from .watchdog import Watchdog
 
 log = logging.getLogger("hgrn_megatron.pretrain")
 
@@ -50,11 +59,17 @@ class TrainResult:
 
 def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
     """Run (or continue) the training job described by `cfg`. Collective over all ranks."""
-    trainer = Trainer(cfg, resume)
+    # A hang watchdog from the start: set-up gets its own (longer) allowance, then every step must progress.
+    watchdog = Watchdog(cfg.run_dir, launch_env().rank, cfg.train.hang_timeout_minutes * 60,
+                        cfg.train.hang_startup_minutes * 60)
     try:
-        return trainer.train()
+        trainer = Trainer(cfg, resume, watchdog)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        watchdog.stop()  # on every path: an in-process caller must not be ended by a later trip
 
 
 def _seed_rank_rngs(seed: int, rank: int, step: int) -> None:
@@ -123,8 +138,8 @@ class StartupTimeline:
 class Trainer:
     """One training run on this rank. Construction and `train()` are collective over all ranks."""
 
-    def __init__(self, cfg: RunConfig, resume: str = "auto"):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, resume: str = "auto", watchdog: Watchdog | None = None):
+        self.cfg, self.watchdog = cfg, watchdog
         # Signal handlers first: a preemption notice during the (minutes-long) set-up is kept, not lost.
         self.stop = StopRequest(cfg.train.preemption_signals, cfg.train.exit_after_minutes)
         self.faults = FaultInjection.from_env()
@@ -342,7 +357,12 @@ class Trainer:
             return self._requeue()
         while state.step < cfg.train.steps:
             self.faults.maybe_kill(state.step + 1, self.rank)
+            if self.watchdog:
+                self.watchdog.step_started()
             self.train_step()
+            if self.watchdog and self.watchdog.beat(state.step):
+                # Start-up is over: a collective that waits far longer than a step now fails instead of hanging.
+                set_collective_timeout(cfg.train.collective_timeout_minutes)
             self.log_interval()
             if not self.maybe_evaluate():
                 return self._requeue()

@@ -18,8 +18,20 @@ trap '' USR1 TERM INT
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}  # torchrun --signals-to-handle
 # torchrun's static rendezvous needs each node's rank, which only the task itself knows (one task per node).
 export PET_NODE_RANK=${PET_NODE_RANK:-${SLURM_NODEID:-0}}
+# Exit records for the batch shell's failure policy (which rank ran where, how and when it ended), one file per
+# training rank; torchrun's own process (no RANK yet) records nothing.
+exit_record=""
+if [ -n "${HGRN_EXIT_DIR:-}" ] && { [ -n "${RANK:-}" ] || [ "${HGRN_LAUNCHER:-srun}" != torchrun ]; }; then
+  exit_record=$HGRN_EXIT_DIR/rank-${RANK:-${SLURM_PROCID:-0}}
+  echo "start $(date +%s.%N) ${SLURMD_NODENAME:-$(hostname -s)} $$" >>"$exit_record" 2>/dev/null || exit_record=""
+fi
 "$@"
 rc=$?
+if [ -n "$exit_record" ]; then
+  echo "exit $(date +%s.%N) ${SLURMD_NODENAME:-$(hostname -s)} $rc" >>"$exit_record" 2>/dev/null || true
+  # One file the batch shell can poll cheaply: some rank ended with neither success nor a checkpoint.
+  case "$rc" in 0 | "${HGRN_REQUEUE_EXIT:-75}") ;; *) : >"$HGRN_EXIT_DIR/failed" 2>/dev/null || true ;; esac
+fi
 if [ "$rc" = "${HGRN_REQUEUE_EXIT:-75}" ] && [ -n "${HGRN_REQUEUE_MARKER:-}" ]; then
   if : >"$HGRN_REQUEUE_MARKER" 2>/dev/null && [ -n "${HGRN_REQUEUE_MARKED_STATUS:-}" ]; then
     exit "$HGRN_REQUEUE_MARKED_STATUS"

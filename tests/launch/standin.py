@@ -5,6 +5,10 @@ RUN_DIR/metrics.jsonl (rank 0); USR1 or TERM means save at the next step boundar
 the saved step. Each process also records what the launcher gave it in RUN_DIR/launches/rank-R.jsonl.
 The config is a JSON file (`run_dir`, `steps`, `step_seconds`, optional `save_seconds`: how long a save takes,
 and `fail_with`: exit at once with that code); `key=value` arguments after it override its keys.
+Crashes for the failure policy: `checkpoint_every` K also saves every K steps (with checkpoints/latest, as the
+trainer); `crash_at_step` N makes rank `crash_rank` (default 1) die with `crash_signal` (default SIGKILL) at step
+N, in the restarts listed in `crash_in_restarts` (default: every one); the other ranks then fail with exit 1 at
+their next step, as a collective with a dead peer would.
 """
 from __future__ import annotations
 
@@ -48,10 +52,37 @@ def save(step):
     with open(tmp, "w") as f:
         json.dump({"step": step}, f)
     os.replace(tmp, ckpt)
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    with open(os.path.join(run_dir, "checkpoints", "latest.tmp"), "w") as f:
+        f.write(f"step-{step:08d}\n")
+    os.replace(os.path.join(run_dir, "checkpoints", "latest.tmp"), os.path.join(run_dir, "checkpoints", "latest"))
+
+restart = int(env.get("SLURM_RESTART_COUNT", 0))
+crash_at = int(cfg.get("crash_at_step", 0))
+crashes_now = crash_at and restart in cfg.get("crash_in_restarts", [restart])
+peer_dead = os.path.join(run_dir, f"peer-died-{restart}")
+
+if crash_at:
+    # Start together, as ranks leaving a rendezvous do: the crash then lands at the same step on every rank.
+    open(os.path.join(run_dir, f"ready-{restart}-{rank}"), "w").close()
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(os.path.join(run_dir, f"ready-{restart}-{r}")) for r in range(world)):
+        if time.monotonic() > deadline:
+            sys.exit("stand-in trainer: the other ranks did not start within 60 s")
+        time.sleep(0.01)
+
+def maybe_crash(step):
+    if os.path.exists(peer_dead):
+        time.sleep(0.5)  # as a collective whose peer died: it notices the closed connection a little later
+        sys.exit(1)
+    if crashes_now and step == crash_at and rank == int(cfg.get("crash_rank", 1)):
+        open(peer_dead, "w").close()
+        os.kill(os.getpid(), getattr(signal, cfg.get("crash_signal", "SIGKILL")))
 
 if cfg.get("fail_with"):
     sys.exit(int(cfg["fail_with"]))
 for step in range(start + 1, steps + 1):
+    maybe_crash(step)
     time.sleep(step_s)
     if rank == 0:
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
@@ -60,6 +91,8 @@ for step in range(start + 1, steps + 1):
         if rank == 0:
             save(step)
         sys.exit(75)
+    if rank == 0 and int(cfg.get("checkpoint_every", 0)) and step % int(cfg["checkpoint_every"]) == 0:
+        save(step)
 if rank == 0:
     save(steps)
 '''
