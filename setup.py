@@ -71,6 +71,7 @@ setup(
             "hgrn-tokenizer=hgrn_megatron.tokenizer.__main__:main",
             "hgrn-data=hgrn_megatron.pretrain.data.__main__:main",
             "hgrn-export-hf=hgrn_megatron.export.__main__:main",
+            "hgrn-checkpoint=hgrn_megatron.pretrain.checkpoint.reshard:main",
             "hgrn-model=hgrn_megatron.__main__:main",
         ]
     },

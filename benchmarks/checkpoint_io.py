@@ -91,16 +91,17 @@ def _save_dp2(args, root: str):
 
 
 def reshard_times(args, root: Path) -> dict:
-    from hgrn_megatron.pretrain.checkpoint import DS_UNIVERSAL_TAG, convert_to_universal
+    from hgrn_megatron.pretrain.checkpoint import DS_UNIVERSAL_TAG
+    from hgrn_megatron.pretrain.checkpoint.load import convert_in_subprocess
     from hgrn_megatron.testing.distributed import run_distributed
 
     run_distributed(_save_dp2, world_size=2, args=(args, str(root)), timeout=1800)
     ckpt = root / "step-00000001"
     out = {"checkpoint_mb": _bytes(ckpt / "ds") / 1e6, "workers": args.workers}
-    for workers in (1, args.workers) * args.repeats:
+    for workers in (1, args.workers) * args.repeats:  # in a fresh process each, as the trainer runs it
         shutil.rmtree(ckpt / DS_UNIVERSAL_TAG, ignore_errors=True)
         t0 = time.perf_counter()
-        convert_to_universal(ckpt, workers=workers)
+        convert_in_subprocess(ckpt, workers=workers)
         out.setdefault(f"{workers}_workers_s", []).append(time.perf_counter() - t0)
     return out
 

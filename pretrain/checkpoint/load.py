@@ -156,13 +156,41 @@ def convert_to_universal(ckpt_dir: Path, workers: int = 1) -> None:
 
 
 def conversion_workers() -> int:
-    """Processes for a universal conversion: the node's cores up to 8; 1 inside a daemonic process (which may not
-    start children: test harnesses start ranks as daemons)."""
-    import multiprocessing
-
-    if multiprocessing.current_process().daemon:
-        return 1
+    """Processes for a universal conversion: the node's cores, up to 8."""
     return max(1, min(8, os.cpu_count() or 1))
+
+
+CONVERSION_FAILED = DS_UNIVERSAL_TAG + ".failed"
+_POLL_S = 2.0
+
+
+def convert_in_subprocess(ckpt_dir: Path, workers: int | None = None) -> None:
+    """Rank 0 of a resume: the universal conversion in a fresh process (`hgrn-checkpoint reshard`), whose worker
+    pool forks safely (a trainer process holds communication and OpenMP threads that a forked worker could find
+    locked); a failure is written to `ds_universal.failed` for the waiting ranks and raised here."""
+    import subprocess
+    import sys
+
+    (ckpt_dir / CONVERSION_FAILED).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "hgrn_megatron.pretrain.checkpoint.reshard", "reshard", str(ckpt_dir),
+           "--workers", str(workers or conversion_workers())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        (ckpt_dir / CONVERSION_FAILED).write_text(reason + "\n")
+        raise CheckpointError(f"{ckpt_dir}: universal conversion failed: {reason}")
+
+
+def wait_for_conversion(ckpt_dir: Path) -> None:
+    """Ranks other than 0: wait for rank 0's conversion by watching the folder, not in a collective whose
+    timeout a long conversion could outlive."""
+    import time
+
+    while not (ckpt_dir / DS_UNIVERSAL_TAG).is_dir():
+        if (ckpt_dir / CONVERSION_FAILED).is_file():
+            raise CheckpointError(f"{ckpt_dir}: universal conversion failed on rank 0: "
+                                  f"{(ckpt_dir / CONVERSION_FAILED).read_text().strip()}")
+        time.sleep(_POLL_S)
 
 
 def load_checkpoint(engine, ckpt_dir: Path, universal: bool, weights_only: bool = False,
@@ -172,8 +200,12 @@ def load_checkpoint(engine, ckpt_dir: Path, universal: bool, weights_only: bool 
     a new phase: the weights (and with `optimizer` the AdamW state), never the RNG."""
     rank = dist.get_rank()
     if universal:
-        if rank == 0:
-            convert_to_universal(ckpt_dir, workers=conversion_workers())
+        if (ckpt_dir / DS_UNIVERSAL_TAG).is_dir():
+            pass  # converted before (an earlier attempt, or `hgrn-checkpoint reshard` ahead of the job)
+        elif rank == 0:
+            convert_in_subprocess(ckpt_dir)
+        else:
+            wait_for_conversion(ckpt_dir)
         dist.barrier()
         tag = DS_UNIVERSAL_TAG
     else:

@@ -240,3 +240,24 @@ def test_validation_reports_loss_per_source(run_tree, tmp_path):
     a, b, overall = val[0]["val_loss/SourceA"], val[0]["val_loss/SourceB"], val[0]["val_loss"]
     assert min(a, b) <= overall <= max(a, b) and a != b
     assert val[0]["val_tokens"] == 8 * 32 and abs(val[0]["val_ppl"] - math.exp(overall)) < 1e-6 * val[0]["val_ppl"]
+
+
+def test_a_checkpoint_resharded_ahead_of_the_job_resumes_at_another_size(run_tree):
+    """`hgrn-checkpoint reshard` converts once, with a pool of workers, before the job; the resume at another DP
+    size then loads the converted checkpoint instead of converting again."""
+    import subprocess
+    import sys
+
+    tree = run_tree(train={"steps": 2})
+    assert run(tree, 2) == (0, 2)
+    cli = [sys.executable, "-m", "hgrn_megatron.pretrain.checkpoint.reshard", "reshard"]
+    bad = subprocess.run([*cli, tree["run_dir"] + "/nowhere"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "no usable checkpoint" in bad.stderr
+    done = subprocess.run([*cli, tree["run_dir"], "--workers", "2"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    universal = Path(tree["run_dir"]) / "checkpoints" / "step-00000002" / "ds_universal"
+    assert "universal checkpoint ready (2 workers" in done.stdout and universal.is_dir()
+    stamp = universal.stat().st_mtime_ns
+    tree["train"]["steps"] = 3
+    assert run(tree, 1) == (0, 3)
+    assert universal.stat().st_mtime_ns == stamp  # not converted again
