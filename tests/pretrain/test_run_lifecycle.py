@@ -173,3 +173,12 @@ def test_preempted_validation_runs_after_the_resume(run_tree, monkeypatch):
     monkeypatch.delenv("HGRN_FAULT_INJECTION")
     assert run(tree, 1) == (0, 4)
     assert val_losses(tree) == val_losses(straight) and sorted(val_losses(tree)) == [2, 4]
+
+
+def test_checkpoints_by_wall_clock_interval(run_tree):
+    """checkpoint.interval_minutes saves when the time since the last save passed it, agreed by the ranks at a
+    step boundary, independently of the step interval (0 here)."""
+    tree = run_tree(train={"steps": 3}, checkpoint={"interval": 0, "interval_minutes": 1e-6, "keep_last": 5,
+                                                    "save_at_end": False})
+    assert run(tree, 2) == (0, 3)
+    assert _steps(Path(tree["run_dir"]) / "checkpoints") == ["step-00000001", "step-00000002", "step-00000003"]
