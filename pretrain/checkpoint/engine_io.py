@@ -32,6 +32,7 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
         super().__init__(config_params)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background else None
         self._futures: list[Future] = []
+        self._queued: list[tuple] = []  # snapshots taken, not yet handed to the writer
         self.begin(None, 0)
 
     @property
@@ -48,9 +49,14 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
     def save(self, state_dict, path: str) -> None:
         if self._pool is None:
             self._write(state_dict, Path(path))
-        else:
-            snapshot = clone_tensors_for_torch_save(state_dict)  # device -> host now; the training step goes on
-            self._futures.append(self._pool.submit(self._write, snapshot, Path(path)))
+        else:  # device -> host now; written once the whole snapshot is taken (`start_writes`), so that the writer
+            # thread does not compete with the snapshot for the interpreter
+            self._queued.append((clone_tensors_for_torch_save(state_dict), Path(path)))
+
+    def start_writes(self) -> None:
+        """Hand the snapshots taken since `begin` to the background writer."""
+        queued, self._queued = self._queued, []
+        self._futures += [self._pool.submit(self._write, *item) for item in queued]
 
     def _write(self, state_dict, target: Path) -> None:
         if self.error is not None:  # this save has failed already: write nothing more, fail together later
@@ -76,6 +82,8 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
 
     def wait(self) -> None:
         """Block until the background writes finished; an unexpected error of theirs is raised here."""
+        if self._queued:
+            self.start_writes()
         futures, self._futures = self._futures, []
         for future in futures:
             future.result()

@@ -166,7 +166,9 @@ class Checkpointer:
         if problem is None:
             own, problem = _start_shards(self.writer, self.engine, tmp, rank, run_state, data_state, config_yaml)
         self.pending = _Pending(step, tmp, own, problem)
-        if not self.writer.background:
+        if self.writer.background:
+            self.writer.start_writes()
+        else:
             self.finish(raise_on_failure=True)
 
     def poll(self) -> int | None:
