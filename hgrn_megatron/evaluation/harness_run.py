@@ -1,0 +1,69 @@
+"""Run lm-evaluation-harness tasks on a `StatefulLM` and save its results.
+
+    results = run_tasks(model, tokenizer, ["tiny_qa"], task_dir="tests/assets/eval", limit=8)
+    write_results(results, Path("runs/x/eval/step-00000300.json"))
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .scoring import StatefulLM
+
+INSTALL_HINT = ("lm-evaluation-harness is not installed: pip install 'hgrn-megatron[eval]' "
+                "(or pip install -c constraints.txt lm-eval)")
+
+
+def harness_available() -> bool:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_tasks(model: StatefulLM, tokenizer, tasks: list[str], *, task_dir: str | Path | None = None,
+              limit: int | None = None, batch_size: int = 16, reuse_prefix: bool = True,
+              num_fewshot: int | None = None, log_samples: bool = False) -> dict:
+    """The harness's results dict (samples dropped unless `log_samples`), plus `hgrn_throughput`: the
+    loglikelihood requests scored, their seconds and requests per second."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .harness_lm import HGRNHarnessLM
+
+    lm = HGRNHarnessLM(model, tokenizer, batch_size=batch_size, reuse_prefix=reuse_prefix)
+    manager = TaskManager(include_path=str(task_dir) if task_dir else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" (looked in {task_dir} and the harness's tasks)" if task_dir else " (pass --task-dir for local tasks)"
+        raise KeyError(f"--tasks: unknown task(s) {', '.join(unknown)}{where}")
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
+                                      num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)
+    seconds = lm.stats["seconds"]
+    results["hgrn_throughput"] = {
+        "loglikelihood_requests": lm.stats["requests"], "seconds": round(seconds, 3),
+        "requests_per_s": round(lm.stats["requests"] / seconds, 2) if seconds > 0 else None,
+        "batch_size": batch_size, "reuse_prefix": reuse_prefix and model.carries_state,
+    }
+    return results
+
+
+def write_results(results: dict, path: Path) -> None:
+    """JSON (numpy scalars and other non-JSON values made plain), written as PATH.tmp-PID and renamed."""
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    os.replace(tmp, path)
+
+
+def results_table(results: dict) -> str:
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    if results.get("groups"):
+        table += "\n" + make_table(results, "groups")
+    return table
