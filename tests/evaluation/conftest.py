@@ -13,12 +13,37 @@ TASK_DIR = REPO / "tests" / "assets" / "eval"
 STEPS = 4
 
 
+def write_mixed_validation_shard(path: Path, piece_chars: int = 300) -> Path:
+    """A real zstd Pile-format shard of short documents whose sources alternate: the shipped validation text cut
+    into pieces, taken round-robin over its sources, so a few samples span several documents and sources."""
+    import io
+    import json
+
+    import zstandard
+
+    by_source: dict[str, list[str]] = {}
+    with open(REPO / "tests" / "assets" / "pile-mini" / "val.jsonl.zst", "rb") as fh:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8"):
+            record = json.loads(line)
+            pieces = [record["text"][i : i + piece_chars] for i in range(0, 6 * piece_chars, piece_chars)]
+            by_source.setdefault(record["meta"]["pile_set_name"], []).extend(p for p in pieces if p.strip())
+    lines = []
+    for k in range(max(len(v) for v in by_source.values())):
+        for source, pieces in sorted(by_source.items()):
+            if k < len(pieces):
+                lines.append(json.dumps({"text": pieces[k], "meta": {"pile_set_name": source}}))
+    path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    return path
+
+
 def eval_run_tree(run_dir: Path, tp: int, zero: int) -> dict:
-    """4 steps, validated and checkpointed at step 4; document resets on, so validation crosses documents."""
+    """4 steps, validated (on several sources, across documents) and checkpointed at step 4."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    valid = write_mixed_validation_shard(run_dir.parent / "mixed-val.jsonl.zst")
     return tiny_run_tree(
         run_dir,
         model={"preset": "tiny", "seq_length": 32, "reset_at_document_boundary": True},
-        data={"valid_samples": 12},
+        data={"valid_shards": [str(valid)], "valid_samples": 12},
         train={"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": STEPS, "seed": 5},
         parallel={"tensor_parallel_size": tp, "zero_stage": zero},
     )
@@ -42,13 +67,21 @@ def _trained(tmp_path_factory, name: str, tp: int, zero: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tp1_run(tmp_path_factory) -> Path:
-    return _trained(tmp_path_factory, "tp1", tp=1, zero=1)
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """Both runs, trained together on first use: rank processes are forked before this test process has run
+    any model or process group of its own (a fork after that hung the TP 2 ranks)."""
+    return {"tp1": _trained(tmp_path_factory, "tp1", tp=1, zero=1),
+            "tp2_zero3": _trained(tmp_path_factory, "tp2z3", tp=2, zero=3)}
 
 
 @pytest.fixture(scope="session")
-def tp2_zero3_run(tmp_path_factory) -> Path:
-    return _trained(tmp_path_factory, "tp2z3", tp=2, zero=3)
+def tp1_run(trained_runs) -> Path:
+    return trained_runs["tp1"]
+
+
+@pytest.fixture(scope="session")
+def tp2_zero3_run(trained_runs) -> Path:
+    return trained_runs["tp2_zero3"]
 
 
 @pytest.fixture(scope="session")
