@@ -115,7 +115,11 @@ def _run_harness(args) -> int:
         targets = [step_dir.parent.parent / "eval" / f"{step_dir.name}.json"]
     from .harness_run import results_table, write_results
 
-    for path in targets + ([Path(args.out)] if args.out else []):
+    for path in targets:  # the run's record for this step: tasks evaluated earlier at this step stay
+        write_results(results, path, merge=True)
+        print(f"wrote {path}", file=sys.stderr)
+    if args.out:
+        path = Path(args.out)
         write_results(results, path)
         print(f"wrote {path}", file=sys.stderr)
     print(results_table(results))

@@ -61,10 +61,30 @@ def _task_manager(tasks: list[str], task_dir: str | Path | None):
     return TaskManager(include_path=str(task_dir) if task_dir else None)
 
 
-def write_results(results: dict, path: Path) -> None:
-    """JSON (numpy scalars and other non-JSON values made plain), written as PATH.tmp-PID and renamed."""
+# Sections of the harness's results keyed by task or group name: a later run at the same step adds its tasks
+# to an existing file (and replaces a task evaluated again) instead of dropping the earlier ones.
+PER_TASK_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+                     "n-samples")
+
+
+def merge_results(earlier: dict, results: dict) -> dict:
+    merged = dict(results)
+    for key in PER_TASK_SECTIONS:
+        if isinstance(earlier.get(key), dict) or isinstance(results.get(key), dict):
+            merged[key] = {**(earlier.get(key) or {}), **(results.get(key) or {})}
+    return merged
+
+
+def write_results(results: dict, path: Path, merge: bool = False) -> None:
+    """JSON (numpy scalars and other non-JSON values made plain), written as PATH.tmp-PID and renamed. With
+    `merge`, the tasks of an existing file at `path` that `results` does not hold are kept."""
     from lm_eval.utils import handle_non_serializable
 
+    if merge and path.is_file():
+        try:
+            results = merge_results(json.loads(path.read_text()), results)
+        except ValueError:
+            pass  # not our JSON (or damaged): replaced whole
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")

@@ -125,3 +125,21 @@ def test_not_a_checkpoint_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(tmp_path), "--tasks", "tiny_qa", "--limit", "0"])
     assert exc.value.code == 2
+
+
+def test_tasks_at_one_step_accumulate_and_absolute_data_paths_work_anywhere(tp1_run, capsys, tmp_path, monkeypatch):
+    """A task YAML with an absolute data_files path runs from any working directory; a second run at the same
+    step adds its task to RUN_DIR/eval/step-N.json, keeping the first."""
+    monkeypatch.chdir(REPO)
+    run_local_task(tp1_run, capsys)
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    yaml_text = (TASK_DIR / "tiny_qa.yaml").read_text().replace("task: tiny_qa", "task: tiny_qa_abs").replace(
+        "test: tests/assets/eval/tiny_qa.jsonl", f"test: {TASK_DIR / 'tiny_qa.jsonl'}")
+    (task_dir / "tiny_qa_abs.yaml").write_text(yaml_text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--checkpoint", str(tp1_run), "--tasks", "tiny_qa_abs", "--task-dir", str(task_dir),
+                 "--limit", "3"]) == 0
+    results = json.loads((tp1_run / "eval" / f"step-{STEPS:08d}.json").read_text())
+    assert set(results["results"]) == {"tiny_qa", "tiny_qa_abs"}
+    assert results["n-samples"]["tiny_qa"]["effective"] == 6 and results["n-samples"]["tiny_qa_abs"]["effective"] == 3
