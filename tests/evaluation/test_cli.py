@@ -143,3 +143,9 @@ def test_tasks_at_one_step_accumulate_and_absolute_data_paths_work_anywhere(tp1_
     results = json.loads((tp1_run / "eval" / f"step-{STEPS:08d}.json").read_text())
     assert set(results["results"]) == {"tiny_qa", "tiny_qa_abs"}
     assert results["n-samples"]["tiny_qa"]["effective"] == 6 and results["n-samples"]["tiny_qa_abs"]["effective"] == 3
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "hgrn_megatron.evaluation", "--help"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "--shards" in proc.stdout and "--tasks" in proc.stdout

@@ -127,3 +127,21 @@ def test_pairs_without_tokens_are_refused(tp1_hf_model):
     model, _ = tp1_hf_model
     with pytest.raises(ValueError, match="pair 1"):
         score_pairs(stateful_hf_model(model), [([5], [6]), ([5], [])])
+
+
+def test_rolling_loglikelihood_scores_the_whole_document_after_eos(tp1_hf_model):
+    """Perplexity tasks: no context window, one pass from EOS (chunked here, carrying the state)."""
+    from lm_eval.api.instance import Instance
+
+    from hgrn_megatron.evaluation.harness_lm import HGRNHarnessLM
+
+    model, tokenizer = tp1_hf_model
+    stateful = stateful_hf_model(model)
+    stateful.chunk_tokens = 8
+    lm = HGRNHarnessLM(stateful, tokenizer)
+    text = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0),
+                                    Instance("loglikelihood_rolling", {}, ("",), 1)])
+    want, _ = direct_score(model, [tokenizer.eos_id], tokenizer.encode(text))
+    assert len(tokenizer.encode(text)) > 2 * stateful.chunk_tokens
+    assert got[0] == pytest.approx(want, rel=1e-5) and got[1] == 0.0
