@@ -59,7 +59,7 @@ def _pad(rows: list[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 def _run(model: StatefulLM, ids: torch.Tensor, mask: torch.Tensor | None, state, want_logits: bool):
-    """Forward over `ids` in chunks of `model.chunk_tokens`, carrying the state. Returns (log-probs of every
+    """Forward over `ids` in chunks of `model.chunk_tokens`, carrying the state. Returns (logits of every
     position, or of the last one only when not `want_logits`; final state)."""
     pieces = []
     for start in range(0, ids.shape[1], model.chunk_tokens):
@@ -67,16 +67,17 @@ def _run(model: StatefulLM, ids: torch.Tensor, mask: torch.Tensor | None, state,
         window_mask = None if mask is None else mask[:, start:end]
         logits, state = model.forward(ids[:, start:end], window_mask, state)
         if want_logits or end >= ids.shape[1]:
-            pieces.append(_log_probs(model, logits if want_logits else logits[:, -1:]))
+            pieces.append(logits if want_logits else logits[:, -1:])
     return torch.cat(pieces, dim=1), state
 
 
-def _score_rows(log_probs: torch.Tensor, targets: list[Sequence[int]], offsets: list[int]):
-    """Per row: (sum of log p(target_j) at position offset + j, every target the argmax)."""
+def _score_rows(model: StatefulLM, logits: torch.Tensor, targets: list[Sequence[int]], offsets: list[int]):
+    """Per row: (sum of log p(target_j) at position offset + j, every target the argmax). The float64
+    log-softmax runs only on the scored positions."""
     out = []
     for row, (tgt, off) in enumerate(zip(targets, offsets)):
         tgt_t = torch.as_tensor(list(tgt), dtype=torch.long)
-        lp = log_probs[row, off : off + len(tgt)]
+        lp = _log_probs(model, logits[row, off : off + len(tgt)])
         out.append((lp.gather(-1, tgt_t[:, None]).sum().item(), bool((lp.argmax(-1) == tgt_t).all())))
     return out
 
@@ -101,8 +102,8 @@ def _score_whole_sequences(model: StatefulLM, pairs: Sequence[Pair], batch_size:
         idx = order[start : start + batch_size]
         rows = [list(pairs[i][0]) + list(pairs[i][1])[:-1] for i in idx]
         ids, _ = _pad(rows, left=False)  # right padding never reaches an earlier position
-        log_probs, _ = _run(model, ids, None, None, want_logits=True)
-        scored = _score_rows(log_probs, [pairs[i][1] for i in idx], [len(pairs[i][0]) - 1 for i in idx])
+        logits, _ = _run(model, ids, None, None, want_logits=True)
+        scored = _score_rows(model, logits, [pairs[i][1] for i in idx], [len(pairs[i][0]) - 1 for i in idx])
         for i, s in zip(idx, scored):
             results[i] = s
     return results
@@ -119,7 +120,8 @@ def _score_with_prefix_states(model: StatefulLM, pairs: Sequence[Pair], batch_si
     for start in range(0, len(contexts), batch_size):
         group = contexts[start : start + batch_size]
         ids, mask = _pad(group, left=True)
-        last, state = _run(model, ids, mask, None, want_logits=False)
+        last_logits, state = _run(model, ids, mask, None, want_logits=False)
+        last = _log_probs(model, last_logits)
         members = [(row, i) for row, ctx in enumerate(group) for i in by_context[ctx]]
         members.sort(key=lambda m: -len(pairs[m[1]][1]))
         for sub in range(0, len(members), batch_size):
@@ -144,8 +146,8 @@ def _score_continuations(model: StatefulLM, pairs: Sequence[Pair], members: list
         rows = torch.tensor([row for _, row, _ in longer], dtype=torch.long)
         state = model.select_state(context_state, rows)
         ids, _ = _pad([list(pairs[i][1])[:-1] for _, _, i in longer], left=False)
-        log_probs, _ = _run(model, ids, None, state, want_logits=True)
-        scored = _score_rows(log_probs, [list(pairs[i][1])[1:] for _, _, i in longer], [0] * len(longer))
+        logits, _ = _run(model, ids, None, state, want_logits=True)
+        scored = _score_rows(model, logits, [list(pairs[i][1])[1:] for _, _, i in longer], [0] * len(longer))
         rest = {k: s for (k, _, _), s in zip(longer, scored)}
     out = []
     for k, (lp, greedy) in enumerate(firsts):
