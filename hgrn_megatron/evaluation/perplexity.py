@@ -6,6 +6,10 @@ packed to seq_length + 1 tokens, document starts marked) and the loss is the tra
 TP-merged fp32 weights. Given the run's validation shards, sample count and micro-batch size, the numbers are
 the `val_loss` the trainer logged for that checkpoint (fp32 runs; a bf16 run's trainer evaluated in bf16).
 The attention baseline is evaluated the same way (it has no Hugging Face export).
+
+`shard_loss` sets up (and tears down) a one-process gloo group and megatron's parallel state. megatron keeps
+state past its teardown that makes gloo ranks forked afterwards from the same process hang, so a process that
+forks ranks later (a test session) should run it in a subprocess, as `hgrn-eval` does by being one.
 """
 from __future__ import annotations
 
