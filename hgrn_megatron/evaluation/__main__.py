@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None,
                    help="--shards: samples of seq_length + 1 tokens (default: the run's data.valid_samples)")
     p.add_argument("--tokenizer", default=None, help="--shards: SentencePiece model if not where the run says")
+    p.add_argument("--device", default="auto", help="tasks: auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     return p
 
@@ -48,6 +49,12 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.task_dir and not Path(args.task_dir).is_dir():
         p.error(f"--task-dir {args.task_dir}: no such directory")
+    from .hf_model import EvaluationError, resolve_device
+
+    try:
+        resolve_device(args.device)
+    except EvaluationError as err:
+        p.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +140,7 @@ def _evaluate_dir(args, hf_dir: Path, tasks: list[str]) -> dict:
     from .harness_run import run_tasks
     from .hf_model import load_hf_dir, stateful_hf_model
 
-    model, tokenizer = load_hf_dir(hf_dir)
+    model, tokenizer = load_hf_dir(hf_dir, device=args.device)
     return run_tasks(stateful_hf_model(model), tokenizer, tasks, task_dir=args.task_dir, limit=args.limit,
                      batch_size=args.batch_size or 16, reuse_prefix=not args.no_prefix_reuse,
                      num_fewshot=args.num_fewshot)

@@ -41,29 +41,43 @@ class HFTokenizer:
 def stateful_hf_model(model) -> StatefulLM:
     """Wrap an exported `HGRNForCausalLM`: its `HGRNCache` is the state."""
 
+    device = next(model.parameters()).device
+
     def forward(input_ids, attention_mask, state):
-        out = model(input_ids, attention_mask=attention_mask, cache=state, use_cache=True)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        out = model(input_ids.to(device), attention_mask=mask, cache=state, use_cache=True)
         return out.logits, out.cache
 
     def select_state(cache, rows):
         picked = copy.copy(cache)  # the model writes new states into the cache it is given: never share one
         picked.states = [s.index_select(0, rows.to(s.device)) if s is not None else None for s in cache.states]
         if cache.last_token_was_eos is not None:
-            picked.last_token_was_eos = cache.last_token_was_eos.index_select(0, rows)
+            eos = cache.last_token_was_eos
+            picked.last_token_was_eos = eos.index_select(0, rows.to(eos.device))
         return picked
 
     return StatefulLM(forward=forward, select_state=select_state, vocab_size=model.config.vocab_size)
 
 
-def load_hf_dir(path: str | Path, dtype: str = "fp32"):
-    """(model in eval mode, HFTokenizer) from an exported directory."""
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise EvaluationError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def load_hf_dir(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
+    """(model in eval mode on `device`, HFTokenizer) from an exported directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EvaluationError(f"--hf {path}: not an exported model directory (no config.json)")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype)
+    model = model.to(resolve_device(device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     return model, HFTokenizer(tokenizer)
 

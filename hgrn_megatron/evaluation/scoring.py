@@ -76,7 +76,7 @@ def _score_rows(model: StatefulLM, logits: torch.Tensor, targets: list[Sequence[
     log-softmax runs only on the scored positions."""
     out = []
     for row, (tgt, off) in enumerate(zip(targets, offsets)):
-        tgt_t = torch.as_tensor(list(tgt), dtype=torch.long)
+        tgt_t = torch.as_tensor(list(tgt), dtype=torch.long, device=logits.device)
         lp = _log_probs(model, logits[row, off : off + len(tgt)])
         out.append((lp.gather(-1, tgt_t[:, None]).sum().item(), bool((lp.argmax(-1) == tgt_t).all())))
     return out

@@ -79,7 +79,7 @@ def run_local_task(checkpoint: Path, capsys, *extra: str) -> dict:
 
 def test_local_task_from_a_tp1_checkpoint(tp1_run, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
-    reused = run_local_task(tp1_run, capsys, "--out", str(tmp_path / "copy.json"))
+    reused = run_local_task(tp1_run, capsys, "--out", str(tmp_path / "copy.json"), "--device", "cpu")
     assert json.loads((tmp_path / "copy.json").read_text())["results"] == reused["results"]
     whole = run_local_task(tp1_run, capsys, "--no-prefix-reuse")
     assert whole["hgrn_throughput"]["reuse_prefix"] is False and reused["hgrn_throughput"]["reuse_prefix"]
@@ -133,6 +133,9 @@ def test_not_a_checkpoint_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(tmp_path), "--tasks", "tiny_qa", "--limit", "0"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(tmp_path), "--tasks", "tiny_qa", "--device", "abacus"])
+    assert exc.value.code == 2 and "--device abacus" in capsys.readouterr().err
 
 
 def test_tasks_at_one_step_accumulate_and_absolute_data_paths_work_anywhere(tp1_run, capsys, tmp_path, monkeypatch):
