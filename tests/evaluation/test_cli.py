@@ -115,7 +115,9 @@ def test_missing_lm_eval_gives_a_one_line_install_hint(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tasks", "no_such_task", "--task-dir", str(TASK_DIR)], "unknown task(s) no_such_task"),
+    # an unknown name makes the harness index all of its ~15,000 task configs (about 20 s)
+    pytest.param(["--tasks", "no_such_task", "--task-dir", str(TASK_DIR)], "unknown task(s) no_such_task",
+                 marks=pytest.mark.slow),
     (["--shards", "/nonexistent/*.jsonl.zst"], "--shards"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tp1_run, capsys, args, message):
