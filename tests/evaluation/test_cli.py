@@ -162,3 +162,13 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "hgrn_megatron.evaluation", "--help"], capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "--shards" in proc.stdout and "--tasks" in proc.stdout
+
+
+def test_throughput_benchmark_runs():
+    """benchmarks/eval_throughput.py stays runnable (tiny settings; no timing is checked)."""
+    proc = subprocess.run([sys.executable, "benchmarks/eval_throughput.py", "--items", "3", "--batch-sizes", "2",
+                           "--threads", "1", "--vocab", "256"], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["2", "no"], ["2", "yes"]] and all(float(r[2]) > 0 for r in rows)
