@@ -64,7 +64,11 @@ setup(
         "numpy",
     ],
     # flash-linear-attention: only for the `--format fla` parity test (its HGRNForCausalLM on CPU).
-    extras_require={"dev": ["pytest>=8", "ruff>=0.15", "matplotlib>=3.7", "flash-linear-attention>=0.6"]},
+    # lm-eval: hgrn-eval's downstream tasks (lm-evaluation-harness; --shards needs nothing extra). The dev extra
+    # includes it so the test suite exercises the harness.
+    extras_require={"dev": ["pytest>=8", "ruff>=0.15", "matplotlib>=3.7", "flash-linear-attention>=0.6",
+                            "lm-eval>=0.4.9,<0.5"],
+                    "eval": ["lm-eval>=0.4.9,<0.5"]},
     entry_points={
         "console_scripts": [
             "hgrn-pretrain=hgrn_megatron.pretrain.__main__:main",
@@ -73,6 +77,7 @@ setup(
             "hgrn-export-hf=hgrn_megatron.export.__main__:main",
             "hgrn-checkpoint=hgrn_megatron.pretrain.checkpoint.reshard:main",
             "hgrn-model=hgrn_megatron.__main__:main",
+            "hgrn-eval=hgrn_megatron.evaluation.__main__:main",
         ]
     },
 )
