@@ -2,7 +2,7 @@
 
     SHARD.jsonl.zst              frames of a few MiB each, every frame ending at a line boundary
     SHARD.jsonl.zst.frames.json  {"format", "shard_bytes", "lines", "text_bytes", "crc32", "fault", "source",
-                                  "frames": [[offset, length, first_line, lines], ...]}
+                                  "frames": [[offset, length, first_line, lines, text_bytes], ...]}
 
 A frame is a standalone zstd frame, so any zstd reader still reads the shard as one stream; the index lets a
 reader decompress one frame alone (seek to `offset`, read `length` bytes). `hgrn-data reshard` writes both; the
@@ -24,12 +24,14 @@ INDEX_SUFFIX = ".frames.json"
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One zstd frame of a shard: compressed bytes [offset, offset + length), lines [first_line, + lines)."""
+    """One zstd frame of a shard: compressed bytes [offset, offset + length), lines [first_line, + lines),
+    `text_bytes` of text once decompressed."""
 
     offset: int
     length: int
     first_line: int
     lines: int
+    text_bytes: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class FrameIndex:
             "text_bytes": self.text_bytes,
             "crc32": self.crc32,
             "fault": self.fault,
-            "frames": [[f.offset, f.length, f.first_line, f.lines] for f in self.frames],
+            "frames": [[f.offset, f.length, f.first_line, f.lines, f.text_bytes] for f in self.frames],
         }
 
 

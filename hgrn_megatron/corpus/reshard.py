@@ -82,7 +82,7 @@ class _FrameWriter:
             return
         self._emit(self.cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
         lines = self.lines - self.frame_first_line + int(partial_line)
-        self.frames.append(Frame(self.offset, self.frame_out, self.frame_first_line, lines))
+        self.frames.append(Frame(self.offset, self.frame_out, self.frame_first_line, lines, self.frame_text))
         self.offset += self.frame_out
         self.lines += int(partial_line)
         self._start()
@@ -139,18 +139,20 @@ def verify_frames(path: Path | str, index: FrameIndex) -> None:
     crc = 0
     text = 0
     for i, frame in enumerate(index.frames):
-        lines = 0
+        lines = size = 0
         last = b""
         for data in iter_decompressed(path, start=frame.offset, length=frame.length, compressed=True):
             if isinstance(data, StreamFault):
                 raise DataError(f"{path}: frame {i} does not read alone ({data.kind}: {data.detail})")
             crc = zlib.crc32(data, crc)
             text += len(data)
+            size += len(data)
             lines += data.count(b"\n")
             last = data[-1:]
         lines += int(last != b"\n" and i == len(index.frames) - 1 and bool(last))
-        if lines != frame.lines:
-            raise DataError(f"{path}: frame {i} holds {lines} lines, the index says {frame.lines}")
+        if lines != frame.lines or size != frame.text_bytes:
+            raise DataError(f"{path}: frame {i} holds {lines} lines ({size:,} bytes), the index says {frame.lines} "
+                            f"({frame.text_bytes:,} bytes)")
     if crc != index.crc32 or text != index.text_bytes:
         raise DataError(f"{path}: the text read back ({text:,} bytes, CRC-32 {crc:08x}) differs from the input "
                         f"({index.text_bytes:,} bytes, CRC-32 {index.crc32:08x})")

@@ -271,6 +271,7 @@ def iter_lines(
     start: int = 0,
     length: int | None = None,
     on_decompressed: Callable[[int], None] | None = None,
+    compressed: bool | None = None,
 ) -> Iterator[bytes | OversizedLine | StreamFault]:
     """Yield each line of a shard (without its newline), then a `StreamFault` if the shard ended abnormally.
 
@@ -280,7 +281,7 @@ def iter_lines(
     never held whole.
     """
     splitter = _LineSplitter(max_line_bytes)
-    for data in iter_decompressed(path, chunk_bytes, on_read, start, length, on_decompressed):
+    for data in iter_decompressed(path, chunk_bytes, on_read, start, length, on_decompressed, compressed):
         if isinstance(data, StreamFault):  # the complete lines before the damage were yielded; the partial one is lost
             yield data
             return

@@ -54,9 +54,6 @@ class DataConfig(ConfigNode):
     worker_start_method: Literal["fork", "spawn", "forkserver"] = Field(
         "fork", description="How worker processes start (fork: fastest; spawn: safest with threads)."
     )
-    lookahead_mib: int = Field(
-        32, gt=0, description="Text a lane may queue behind the lanes sharing its reader before it gets its own."
-    )
 
     # ------------------------------------------------------------ validation and reporting
     valid_samples: int = Field(64, ge=0, description="Validation samples (seq_length + 1 tokens each), all ranks.")

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Sequence
 
 
-def _hash_u64(*parts) -> int:
+def hash_u64(*parts) -> int:
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return struct.unpack("<Q", digest)[0]
 
@@ -53,7 +53,7 @@ class Mixture:
         """The shard indices in the order pass `pass_index` reads them (a seeded permutation)."""
         order = self._orders.get(pass_index)
         if order is None:
-            order = sorted(range(self.num_shards), key=lambda s: (_hash_u64("order", self.seed, pass_index, s), s))
+            order = sorted(range(self.num_shards), key=lambda s: (hash_u64("order", self.seed, pass_index, s), s))
             if len(self._orders) > 8:
                 self._orders.clear()
             self._orders[pass_index] = order
@@ -74,5 +74,5 @@ class Mixture:
         if p > whole:
             return False
         frac = w - whole
-        return frac > 0 and _hash_u64("keep", self.seed, epoch, shard, line) < frac * 2.0**64
+        return frac > 0 and hash_u64("keep", self.seed, epoch, shard, line) < frac * 2.0**64
 
