@@ -189,6 +189,33 @@ class _LineSplitter:
         return line
 
 
+class _ChunkFile:
+    """Reads a file from an offset on, holding it open or opening it again for each read."""
+
+    def __init__(self, path: str, start: int, hold_open: bool):
+        self.path, self.pos, self.hold_open = path, start, hold_open
+        self.fh = open(path, "rb")
+        if start:
+            self.fh.seek(start)
+        if not hold_open:
+            self.fh.close()
+
+    def read(self, n: int) -> bytes:
+        if self.hold_open:
+            return self.fh.read(n)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.pos)
+            data = fh.read(n)
+        self.pos += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
 def iter_decompressed(
     path: Path | str,
     chunk_bytes: int = READ_CHUNK_BYTES,
@@ -197,6 +224,7 @@ def iter_decompressed(
     length: int | None = None,
     on_decompressed: Callable[[int], None] | None = None,
     compressed: bool | None = None,
+    hold_open: bool = True,
 ) -> Iterator[bytes | StreamFault]:
     """Yield the shard's text in pieces, then a `StreamFault` if the stream ended abnormally.
 
@@ -205,13 +233,12 @@ def iter_decompressed(
     object, frame after frame. Unlike zstandard's `stream_reader`, which ends quietly at a truncated frame, this
     notices truncation (a frame started but never finished) and reports it. `on_read(n)` is told about every n
     bytes read from the file, `on_decompressed(n)` about every n bytes of text produced. `compressed` overrides
-    what the file name says.
+    what the file name says. `hold_open=False` opens the file for each read instead of holding it open between
+    reads: a process with thousands of paused readers (one per packing lane) holds no file descriptors.
     """
     path = str(path)
     try:
-        fh = open(path, "rb")
-        if start:
-            fh.seek(start)
+        fh = _ChunkFile(path, start, hold_open)
     except OSError as err:
         yield StreamFault("unreadable_shard", f"cannot open: {err.strerror or err}")
         return
@@ -272,6 +299,7 @@ def iter_lines(
     length: int | None = None,
     on_decompressed: Callable[[int], None] | None = None,
     compressed: bool | None = None,
+    hold_open: bool = True,
 ) -> Iterator[bytes | OversizedLine | StreamFault]:
     """Yield each line of a shard (without its newline), then a `StreamFault` if the shard ended abnormally.
 
@@ -281,7 +309,7 @@ def iter_lines(
     never held whole.
     """
     splitter = _LineSplitter(max_line_bytes)
-    for data in iter_decompressed(path, chunk_bytes, on_read, start, length, on_decompressed, compressed):
+    for data in iter_decompressed(path, chunk_bytes, on_read, start, length, on_decompressed, compressed, hold_open):
         if isinstance(data, StreamFault):  # the complete lines before the damage were yielded; the partial one is lost
             yield data
             return

@@ -86,6 +86,9 @@ class IoCounters:
     def add_decompressed(self, n: int) -> None:
         self.decompressed_bytes += n
 
+    def add_seek(self, n: int) -> None:
+        self.seek_decompressed_bytes += n
+
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, key) for key in IO_KEYS)
 
@@ -240,8 +243,7 @@ class LaneGroup:
         for index, lane in self.lanes.items():
             self.streams[index] = LaneStream(units, spec.mixture, index, spec.lanes, lane.doc,
                                              spec.record_format.max_document_bytes, self.io.add_read,
-                                             self.io.add_decompressed, empty)
-        self.io.seek_decompressed_bytes = self.io.decompressed_bytes
+                                             self.io.add_decompressed, empty, self.io.add_seek)
 
     def encode(self, text: str) -> np.ndarray:
         self.io.documents_tokenized += 1

@@ -21,7 +21,7 @@ from .mixture import Mixture, hash_u64
 
 log = logging.getLogger(__name__)
 
-LANE_READ_CHUNK_BYTES = 256 << 10  # a lane's read size: small, since a worker holds one reader per lane
+LANE_READ_CHUNK_BYTES = 64 << 10  # a lane's read size: small, since a worker holds one reader per lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +110,21 @@ class LaneStream:
 
     def __init__(self, table: UnitTable, mixture: Mixture, lane: int, lanes: int, start: Position | None,
                  max_line_bytes: int | None, on_read: Callable[[int], None] | None = None,
-                 on_decompressed: Callable[[int], None] | None = None, empty_units: set | None = None):
+                 on_decompressed: Callable[[int], None] | None = None, empty_units: set | None = None,
+                 on_seek: Callable[[int], None] | None = None):
         self.table, self.mixture, self.lanes = table, mixture, lanes
         self.max_line_bytes = max_line_bytes
-        self.on_read, self.on_decompressed = on_read, on_decompressed
+        self.on_read, self.on_decompressed, self.on_seek = on_read, on_decompressed, on_seek
         self.empty_units = empty_units if empty_units is not None else set()
         self._ordinal = start.ordinal if start is not None else lane
-        self._open(skip_to=start.line if start is not None else None)
+        self._start_line = start.line if start is not None else None
+        self._decompressed = 0
+        self._lines: Iterator | None = None  # opened at the first record: a lane costs nothing until it is read
+
+    def _count_decompressed(self, n: int) -> None:
+        self._decompressed += n
+        if self.on_decompressed is not None:
+            self.on_decompressed(n)
 
     def _open(self, skip_to: int | None = None) -> None:
         self._pass, self._slot, unit = self.table.at(self._ordinal)
@@ -124,11 +132,14 @@ class LaneStream:
         self._line = unit.first_line
         self._records = 0
         self._faulted = False
-        self._lines: Iterator = iter_lines(self.table.paths[unit.shard], LANE_READ_CHUNK_BYTES, self.on_read,
-                                           self.max_line_bytes, unit.offset, unit.length, self.on_decompressed,
-                                           compressed=True if unit.length is not None else None)
+        self._lines = iter_lines(self.table.paths[unit.shard], LANE_READ_CHUNK_BYTES, self.on_read,
+                                 self.max_line_bytes, unit.offset, unit.length, self._count_decompressed,
+                                 compressed=True if unit.length is not None else None, hold_open=False)
         if skip_to is not None:
+            before = self._decompressed
             self._skip(skip_to)
+            if self.on_seek is not None:  # text decompressed only to reach the saved line (with the line's own chunk)
+                self.on_seek(self._decompressed - before)
 
     def _skip(self, line: int) -> None:
         """Position the reader at shard line `line` of the current unit (a resume): read, never parse."""
@@ -144,11 +155,9 @@ class LaneStream:
             self._line += 1
             self._records += 1
 
-    @property
-    def position(self) -> Position:
-        return Position(self._ordinal, self._pass, self._slot, self._line)
-
     def next(self) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
+        if self._lines is None:
+            self._open(skip_to=self._start_line)
         while True:
             item = next(self._lines, None)
             if item is not None:

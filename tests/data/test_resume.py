@@ -153,7 +153,7 @@ def test_resuming_into_an_unreadable_shard_says_so(tmp_path):
     shard.unlink()  # e.g. a file system that is not mounted on this node
     with pytest.raises(DataError, match=r"a\.jsonl\.zst: resuming at line 6 of this shard, but it fails after 0 "
                                         r"lines \(unreadable_shard: cannot open"):
-        LaneStream(table, Mixture(1, 0), 0, 1, start, None)
+        LaneStream(table, Mixture(1, 0), 0, 1, start, None).next()
 
 
 # The fingerprint keys of the first state format: a key beyond these needs a FINGERPRINT_DEFAULTS entry.
