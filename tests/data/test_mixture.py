@@ -34,13 +34,14 @@ def test_weights_are_uses_per_epoch():
     assert picks[0] != picks[1]
 
 
-def test_shard_order_is_a_seeded_reshuffle_per_pass():
-    m = Mixture(num_shards=6, seed=3)
-    orders = [m.shard_order(p) for p in range(8)]
+def test_unit_order_is_a_seeded_reshuffle_per_pass(tmp_path):
+    paths = [write_zst(tmp_path / f"{i}.jsonl.zst", [record(f"doc {i}")]) for i in range(6)]
+    table = UnitTable(paths, seed=3)
+    orders = [table.order(p) for p in range(8)]
     assert all(sorted(o) == list(range(6)) for o in orders)
     assert len({tuple(o) for o in orders}) > 4
-    assert orders == [Mixture(6, 3).shard_order(p) for p in range(8)]
-    assert orders != [Mixture(6, 4).shard_order(p) for p in range(8)]
+    assert orders == [UnitTable(paths, 3).order(p) for p in range(8)]
+    assert orders != [UnitTable(paths, 4).order(p) for p in range(8)]
 
 
 def test_source_weights_through_the_loader(corpus, tokenizer):
