@@ -8,6 +8,12 @@ samples until one pass's worth of tokens has been delivered, in delivered tokens
 for decompression, JSON parsing, packing and the hand-over to the training process on top of the encoding.
 Rounds alternate baseline and pipeline so that machine noise hits both; the median ratio is reported. Defaults
 use the sample and tokenizer that ship in tests/assets.
+
+    python benchmarks/data_pipeline.py --reshard [--shards ...] [--rss-mb 200]
+
+`hgrn-data reshard` on one core against plain zstd (decompress the shards and compress the same text at the same
+level, in one stream), in CPU seconds; then the peak RSS of resharding a generated input of 1/10 and of
+`--rss-mb` MB of text, each in a fresh process (flat memory: the two peaks match).
 """
 from __future__ import annotations
 
@@ -57,6 +63,91 @@ def pipeline_rate(cfg, tokenizer, seq_length: int, micro_batch: int, tokens_targ
             "tokens_per_cpu_s": tokens / (after["loader_cpu_s"] - before["loader_cpu_s"])}
 
 
+def plain_zstd_cpu_s(paths, level: int) -> tuple[float, int]:
+    """CPU seconds to decompress `paths` and compress the text again in one stream; the text's size."""
+    import zstandard
+
+    from hgrn_megatron.corpus.shards import iter_decompressed
+
+    c0 = time.process_time()
+    text = 0
+    for path in paths:
+        cobj = zstandard.ZstdCompressor(level=level).compressobj()
+        for data in iter_decompressed(path):
+            text += len(data)
+            cobj.compress(data)
+        cobj.flush()
+    return time.process_time() - c0, text
+
+
+def reshard_cpu_s(paths, out: Path, level: int) -> float:
+    from hgrn_megatron.corpus.reshard import reshard_one
+
+    c0 = time.process_time()
+    for path in paths:
+        reshard_one(path, out / Path(path).name, level=level)
+    return time.process_time() - c0
+
+
+def write_synthetic_shard(path: Path, text_mb: int) -> None:
+    """A shard of `text_mb` MB of varied JSON lines, written streaming (constant memory)."""
+    import random
+
+    import zstandard
+
+    rng = random.Random(0)
+    words = [f"w{i}" * (1 + i % 5) for i in range(5000)]
+    with open(path, "wb") as fh, zstandard.ZstdCompressor(level=3).stream_writer(fh) as out:
+        written = 0
+        while written < text_mb * 1_000_000:
+            text = " ".join(rng.choices(words, k=rng.randint(20, 4000)))
+            line = json.dumps({"text": text, "meta": {"pile_set_name": "Synthetic"}}).encode() + b"\n"
+            out.write(line)
+            written += len(line)
+
+
+def reshard_peak_rss_mib(path: Path, out: Path) -> float:
+    """Peak RSS (MiB) of a fresh process that reshards `path`."""
+    import subprocess
+
+    code = ("import resource, sys; from hgrn_megatron.corpus.reshard import reshard_one; "
+            "reshard_one(sys.argv[1], sys.argv[2]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, capture_output=True, text=True)
+    return int(res.stdout.split()[-1]) / 1024
+
+
+def reshard_benchmark(shards: str, rounds: int, rss_mb: int) -> dict:
+    import tempfile
+
+    from hgrn_megatron.corpus.reshard import DEFAULT_LEVEL
+    from hgrn_megatron.corpus.shards import resolve_shards
+
+    paths = resolve_shards([shards], field="--shards")
+    ratios, rates = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            plain, text = plain_zstd_cpu_s(paths, DEFAULT_LEVEL)
+            out = Path(tmp) / f"round{r}"
+            ours = reshard_cpu_s(paths, out, DEFAULT_LEVEL)
+            ratios.append(plain / ours)
+            rates.append(text / ours)
+            print(f"round {r + 1}: plain zstd {text / plain / 1e6:.0f} MB/s, reshard {text / ours / 1e6:.0f} MB/s "
+                  f"of text per CPU second ({plain / ours:.2f}x)")
+        rss = {}
+        for mb in (max(1, rss_mb // 10), rss_mb):
+            src = Path(tmp) / f"synthetic-{mb}.jsonl.zst"
+            write_synthetic_shard(src, mb)
+            rss[mb] = reshard_peak_rss_mib(src, Path(tmp) / "rss-out" / src.name)
+            print(f"reshard of {mb} MB of text: peak RSS {rss[mb]:.0f} MiB")
+    summary = {"reshard_over_plain_zstd_cpu": statistics.median(ratios),
+               "reshard_text_mb_per_cpu_s": statistics.median(rates) / 1e6,
+               "hours_per_tb_one_core": 1e12 / statistics.median(rates) / 3600,
+               "peak_rss_mib": {str(k): v for k, v in rss.items()}}
+    print(json.dumps(summary, indent=1))
+    print(f"reshard / plain zstd: {summary['reshard_over_plain_zstd_cpu']:.2f} per CPU second (goal >= 0.7)")
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", default=str(ROOT / "tests/assets/pile-mini/train-*.jsonl.zst"))
@@ -67,7 +158,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--reshard", action="store_true", help="measure `hgrn-data reshard` instead (see above)")
+    ap.add_argument("--rss-mb", type=int, default=200, help="text size of the generated input for the RSS check")
     args = ap.parse_args(argv)
+    if args.reshard:
+        summary = reshard_benchmark(args.shards, args.rounds, args.rss_mb)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+        return 0
 
     from hgrn_megatron.corpus.records import RecordParser, iter_documents
     from hgrn_megatron.corpus.shards import resolve_shards

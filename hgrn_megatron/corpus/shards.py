@@ -189,45 +189,83 @@ class _LineSplitter:
         return line
 
 
-def iter_lines(
+class _ChunkFile:
+    """Reads a file from an offset on, holding it open or opening it again for each read."""
+
+    def __init__(self, path: str, start: int, hold_open: bool):
+        self.path, self.pos, self.hold_open = path, start, hold_open
+        self.fh = open(path, "rb")
+        if start:
+            self.fh.seek(start)
+        if not hold_open:
+            self.fh.close()
+
+    def read(self, n: int) -> bytes:
+        if self.hold_open:
+            return self.fh.read(n)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.pos)
+            data = fh.read(n)
+        self.pos += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def iter_decompressed(
     path: Path | str,
     chunk_bytes: int = READ_CHUNK_BYTES,
     on_read: Callable[[int], None] | None = None,
-    max_line_bytes: int | None = None,
-) -> Iterator[bytes | OversizedLine | StreamFault]:
-    """Yield each line of a shard (without its newline), then a `StreamFault` if the shard ended abnormally.
+    start: int = 0,
+    length: int | None = None,
+    on_decompressed: Callable[[int], None] | None = None,
+    compressed: bool | None = None,
+    hold_open: bool = True,
+) -> Iterator[bytes | StreamFault]:
+    """Yield the shard's text in pieces, then a `StreamFault` if the stream ended abnormally.
 
-    zstd shards are decompressed with a streaming decompression object, frame after frame. Unlike zstandard's
-    `stream_reader`, which ends quietly at a truncated frame, this notices truncation (a frame started but never
-    finished) and reports it; the partial line before the cut is dropped as part of the fault. A plain `.jsonl`
-    shard's last line may lack its newline. `on_read(n)` is told about every n bytes read from the file. A line
-    longer than `max_line_bytes` is yielded as an `OversizedLine` (its size), never held whole.
+    Reads compressed bytes [start, start + length) (to the end when `length` is None): with a frame index, one
+    frame or a run of frames is decompressed alone. zstd shards are decompressed with a streaming decompression
+    object, frame after frame. Unlike zstandard's `stream_reader`, which ends quietly at a truncated frame, this
+    notices truncation (a frame started but never finished) and reports it. `on_read(n)` is told about every n
+    bytes read from the file, `on_decompressed(n)` about every n bytes of text produced. `compressed` overrides
+    what the file name says. `hold_open=False` opens the file for each read instead of holding it open between
+    reads: a process with thousands of paused readers (one per packing lane) holds no file descriptors.
     """
     path = str(path)
     try:
-        fh = open(path, "rb")
+        fh = _ChunkFile(path, start, hold_open)
     except OSError as err:
         yield StreamFault("unreadable_shard", f"cannot open: {err.strerror or err}")
         return
     with fh:
-        compressed = path.endswith(ZSTD_SUFFIXES)
+        if compressed is None:
+            compressed = path.endswith(ZSTD_SUFFIXES)
         dctx = zstandard.ZstdDecompressor() if compressed else None
         dobj = dctx.decompressobj() if compressed else None
         frame_open = False  # a frame has been fed but has not ended
-        splitter = _LineSplitter(max_line_bytes)
-        while True:
+        left = length
+        while left is None or left > 0:
             try:
-                chunk = fh.read(chunk_bytes)
+                chunk = fh.read(chunk_bytes if left is None else min(chunk_bytes, left))
             except OSError as err:
                 yield StreamFault("unreadable_shard", f"read error: {err.strerror or err}")
                 return
             if not chunk:
                 break
+            if left is not None:
+                left -= len(chunk)
             if on_read is not None:
                 on_read(len(chunk))
-            fault = None
-            if compressed:
+            if not compressed:
+                data, fault = chunk, None
+            else:
                 out = []
+                fault = None
                 try:
                     while chunk:
                         out.append(dobj.decompress(chunk))
@@ -241,15 +279,41 @@ def iter_lines(
                 except zstandard.ZstdError as err:
                     fault = StreamFault("corrupt_stream", f"zstd error: {err}")
                 data = b"".join(out) if len(out) != 1 else out[0]
-            else:
-                data = chunk
-            yield from splitter.feed(data)
-            if fault is not None:  # the complete lines before the damage were yielded; the partial one is lost
+            if on_decompressed is not None:
+                on_decompressed(len(data))
+            if data:
+                yield data
+            if fault is not None:
                 yield fault
                 return
         if frame_open:
             yield StreamFault("truncated_stream", "zstd stream ends inside a frame (file truncated?)")
+
+
+def iter_lines(
+    path: Path | str,
+    chunk_bytes: int = READ_CHUNK_BYTES,
+    on_read: Callable[[int], None] | None = None,
+    max_line_bytes: int | None = None,
+    start: int = 0,
+    length: int | None = None,
+    on_decompressed: Callable[[int], None] | None = None,
+    compressed: bool | None = None,
+    hold_open: bool = True,
+) -> Iterator[bytes | OversizedLine | StreamFault]:
+    """Yield each line of a shard (without its newline), then a `StreamFault` if the shard ended abnormally.
+
+    The bytes read are those of `iter_decompressed` (a run of frames with `start`/`length`). A truncated or
+    corrupt stream drops the partial line before the cut as part of the fault. A plain `.jsonl` shard's last
+    line may lack its newline. A line longer than `max_line_bytes` is yielded as an `OversizedLine` (its size),
+    never held whole.
+    """
+    splitter = _LineSplitter(max_line_bytes)
+    for data in iter_decompressed(path, chunk_bytes, on_read, start, length, on_decompressed, compressed, hold_open):
+        if isinstance(data, StreamFault):  # the complete lines before the damage were yielded; the partial one is lost
+            yield data
             return
-        tail = splitter.finish()
-        if tail is not None:
-            yield tail
+        yield from splitter.feed(data)
+    tail = splitter.finish()
+    if tail is not None:
+        yield tail

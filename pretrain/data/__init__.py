@@ -5,7 +5,7 @@
     x = model_inputs(batch)         # x.input_ids, x.labels, x.doc_start: [mb, S] each
     state = loader.state_dict()     # rank-local; merge_data_states([all ranks' states]) -> global state
 
-Modules: `stream` (the endless record stream and its positions), `mixture` (weights, seeded shard order),
+Modules: `stream` (units of data, their seeded order, the lanes' readers), `mixture` (weights),
 `packing` (lanes, samples), `state` (format, fingerprint, merge), `loader` (background workers), `batch` (the
 batch contract), `validation`, `config` (`DataConfig`); `hgrn-data` is `__main__`. Shards are read and counted by
 `hgrn_megatron.corpus`.

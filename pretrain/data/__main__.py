@@ -2,11 +2,13 @@
 
     hgrn-data inspect 'data/train/*.jsonl.zst' [--tokenizer tokenizers/pile-32k] [--json report.json]
     hgrn-data verify  'data/train/*.jsonl.zst'
+    hgrn-data reshard 'data/train/*.jsonl.zst' --out data/train-framed [--frame-mib 4] [--workers N]
 
 Both read every record of every shard (with a progress bar over the compressed bytes) and report documents,
 bytes (and tokens, given a tokenizer) per source, and bad records by kind, per shard and per source, naming the
 first few bad lines, and every shard that holds no usable document (an empty file included). `verify` exits with
-status 1 if anything was skipped or a shard holds no document, 0 if the shards are clean.
+status 1 if anything was skipped or a shard holds no document, 0 if the shards are clean. `reshard` rewrites
+shards as independent zstd frames with a frame index beside each (see `reshard_cli.py`).
 """
 from __future__ import annotations
 
@@ -138,8 +140,13 @@ def print_report(report: dict, with_tokens: bool) -> None:
 @exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reshard"]:
+        from .reshard_cli import main as reshard_main
+
+        return reshard_main(argv[1:])
     ap = argparse.ArgumentParser(prog="hgrn-data", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["inspect", "verify"])
+    ap.add_argument("command", choices=["inspect", "verify", "reshard"])
     ap.add_argument("shards", nargs="+", help="globs, directories or files of *.jsonl[.zst]")
     ap.add_argument("--tokenizer", help="tokenizer (.model or directory) to count tokens per source")
     ap.add_argument("--text-field", default=DEFAULT_FORMAT.text_field)

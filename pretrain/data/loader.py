@@ -32,7 +32,7 @@ from hgrn_megatron.corpus.shards import DataError
 
 from .batch import collate
 from .config import DataConfig
-from .packing import LaneGroup, PackingSpec
+from .packing import IO_KEYS, LaneGroup, PackingSpec
 from .state import (
     STATE_FORMAT,
     as_global_state,
@@ -59,6 +59,7 @@ class WorkerSample(NamedTuple):
     busy_s: float  # wall seconds spent producing it
     cpu_s: float  # CPU seconds spent producing it
     readers: int  # shard readers open in the worker
+    io: tuple  # the worker's reading costs so far (packing.IO_KEYS)
 
 
 class WorkerError(NamedTuple):
@@ -81,7 +82,6 @@ def build_packing_spec(cfg: DataConfig, seq_length: int) -> PackingSpec:
         seq_length=seq_length,
         record_format=cfg.record_format(),
         warn_limit=cfg.warn_limit,
-        lookahead_bytes=cfg.lookahead_mib << 20,
     )
 
 
@@ -99,7 +99,7 @@ def produce_sample(group: LaneGroup, j: int) -> WorkerSample:
     lane = j % group.spec.lanes
     tokens, doc_start, snapshot, delta = group.produce(lane, j // group.spec.lanes)
     return WorkerSample(j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0,
-                        time.process_time() - c0, group.num_readers())
+                        time.process_time() - c0, group.num_readers(), group.io.as_tuple())
 
 
 def _send(conn, credits, item, stop, parent_pid) -> bool:
@@ -186,6 +186,7 @@ class TrainLoader:
         self._worker_cpu = [0.0] * max(W, 1)
         self._worker_samples = [0] * max(W, 1)
         self._readers = [1] * max(W, 1)
+        self._io = [(0,) * len(IO_KEYS) for _ in range(max(W, 1))]
         self._owner = {lane: i % max(W, 1) for i, lane in enumerate(self.lanes)}
         self._procs, self._conns, self._credits = [], [], []
         if W == 0:
@@ -238,6 +239,7 @@ class TrainLoader:
         self._worker_cpu[w] += sample.cpu_s
         self._worker_samples[w] += 1
         self._readers[w] = sample.readers
+        self._io[w] = sample.io
         self._snapshots[lane] = sample.snapshot
         self._counters[lane].counts.update(sample.counts)
         self._consumed += 1
@@ -321,6 +323,12 @@ class TrainLoader:
             workers=self.num_workers,
             readers=sum(self._readers[: max(self.num_workers, 1)]),
         )
+        # What the workers read to produce the samples taken so far (since this loader was built; not in the
+        # state): totals, and per worker, so that a worker reading more than its share shows.
+        workers = self._io[: max(self.num_workers, 1)]
+        for i, key in enumerate(IO_KEYS):
+            out[key] = sum(io[i] for io in workers)
+            out[f"worker_{key}"] = [io[i] for io in workers]
         return out
 
     # ------------------------------------------------------------ shutdown

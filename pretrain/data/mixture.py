@@ -1,4 +1,4 @@
-"""Mixture weights and seeded shard order: deterministic functions of (seed, pass, shard, line) only.
+"""Mixture weights: which documents a pass includes, a deterministic function of (seed, pass, shard, line) only.
 
 Weights follow the Pile's own convention (Gao et al. 2020, "The Pile", Table 1, column "Epochs"): a weight is
 how many times each document of a source or shard group is used per epoch. 2.0 doubles a source, 0.5 keeps a
@@ -8,8 +8,8 @@ seeded half of it, 0 drops it. A record's weight is its shard group's weight tim
 An epoch is `passes_per_epoch = ceil(max weight)` passes over the shards; pass p of an epoch includes a record of
 weight w if p < floor(w), and in pass floor(w) with probability frac(w), decided by a hash of (seed, epoch,
 shard, line). Copies of an up-weighted document therefore land in different passes (as in the Pile, where
-repeated components recur across the dataset) instead of back to back. Every pass visits the shards in a new
-seeded order. Nothing depends on the data-parallel size, the worker count or the reading order.
+repeated components recur across the dataset) instead of back to back. The order in which a pass visits the
+data is `stream.UnitTable`'s. Nothing depends on the data-parallel size, the worker count or the reading order.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import struct
 from collections.abc import Sequence
 
 
-def _hash_u64(*parts) -> int:
+def hash_u64(*parts) -> int:
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return struct.unpack("<Q", digest)[0]
 
 
 class Mixture:
-    """Which records a pass includes, and in which order the pass visits the shards."""
+    """Which records a pass includes."""
 
     def __init__(
         self,
@@ -47,17 +47,6 @@ class Mixture:
         max_source = max([1.0, *self.source_weights.values()])
         self.passes_per_epoch = max(1, math.ceil(max_shard * max_source - 1e-12))
         self.uniform = all(w == 1.0 for w in weights)
-        self._orders: dict[int, list[int]] = {}
-
-    def shard_order(self, pass_index: int) -> list[int]:
-        """The shard indices in the order pass `pass_index` reads them (a seeded permutation)."""
-        order = self._orders.get(pass_index)
-        if order is None:
-            order = sorted(range(self.num_shards), key=lambda s: (_hash_u64("order", self.seed, pass_index, s), s))
-            if len(self._orders) > 8:
-                self._orders.clear()
-            self._orders[pass_index] = order
-        return order
 
     def weight(self, shard: int, source: str) -> float:
         return self.shard_weights[shard] * self.source_weights.get(source, 1.0)
@@ -74,5 +63,5 @@ class Mixture:
         if p > whole:
             return False
         frac = w - whole
-        return frac > 0 and _hash_u64("keep", self.seed, epoch, shard, line) < frac * 2.0**64
+        return frac > 0 and hash_u64("keep", self.seed, epoch, shard, line) < frac * 2.0**64
 

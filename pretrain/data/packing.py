@@ -1,21 +1,21 @@
 """Packing lanes: documents -> token streams -> samples of `seq_length + 1` tokens with a doc-start mask.
 
 The global sample order (independent of data-parallel size and worker count):
-- record k of the stream (see `stream.py`) belongs to lane `k mod L`; a lane parses, weights and tokenizes only
-  its own records, appends EOS to each document and concatenates them into one token stream;
+- unit ordinal k (see `stream.py`: a frame of an indexed shard, or a whole shard) belongs to lane `k mod L`; a lane
+  reads, parses, weights and tokenizes only its own units' records, appends EOS to each document and concatenates
+  them into one token stream;
 - lane l's m-th sample is tokens [m*S, m*S + S] of its stream (S + 1 tokens; consecutive samples share one
   token so every token is a label once, as in Megatron-LM's GPT dataset, megatron/core/datasets/gpt_dataset.py);
 - global sample j is sample `j // L` of lane `j mod L`.
 
 A lane's state is small: how many samples it produced, the position of the document its next sample starts in
 and the token offset there (re-tokenizing that one document on resume rebuilds the leftover tokens, which are
-always a suffix of one document), plus its counters. A `LaneGroup` serves several lanes from shared readers:
-one decompression pass feeds all of them, each lane queueing its records until it needs them; a lane that falls
-more than `lookahead_bytes` behind gets a reader of its own, so memory stays bounded whatever the document
-lengths.
+always a suffix of one document), plus its counters. A `LaneGroup` serves several lanes (one worker's share),
+each lane with its own reader over its own units, and counts what the worker read (`IoCounters`).
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,7 +26,9 @@ from hgrn_megatron.corpus.records import UNKNOWN_SOURCE, BadRecord, RecordFormat
 from hgrn_megatron.corpus.shards import DataError, OversizedLine, StreamFault
 
 from .mixture import Mixture
-from .stream import START, Position, RecordStream
+from .stream import LaneStream, Position, UnitTable
+
+log = logging.getLogger(__name__)
 
 MAX_PASSES_WITHOUT_DOCUMENT = 3
 
@@ -44,8 +46,8 @@ class PackingSpec:
     seq_length: int
     record_format: RecordFormat
     warn_limit: int = 5
-    lookahead_bytes: int = 32 << 20
     _mixture: Mixture | None = field(default=None, repr=False, compare=False)
+    _units: UnitTable | None = field(default=None, repr=False, compare=False)
 
     @property
     def mixture(self) -> Mixture:
@@ -53,24 +55,46 @@ class PackingSpec:
             self._mixture = Mixture(len(self.paths), self.seed, self.shard_weights, self.source_weights)
         return self._mixture
 
+    @property
+    def units(self) -> UnitTable:
+        if self._units is None:
+            self._units = UnitTable(self.paths, self.seed)
+        return self._units
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_mixture"] = None
         return state
 
 
+IO_KEYS = ("read_bytes", "decompressed_bytes", "lines_scanned", "documents_tokenized", "seek_decompressed_bytes")
+
+
+class IoCounters:
+    """What a worker's readers cost: bytes read from disk, text decompressed, lines scanned, documents
+    tokenized, and the text decompressed only to reach the saved positions when the lanes were opened."""
+
+    __slots__ = IO_KEYS
+
+    def __init__(self):
+        for key in IO_KEYS:
+            setattr(self, key, 0)
+
+    def add_read(self, n: int) -> None:
+        self.read_bytes += n
+
+    def add_decompressed(self, n: int) -> None:
+        self.decompressed_bytes += n
+
+    def add_seek(self, n: int) -> None:
+        self.seek_decompressed_bytes += n
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return tuple(getattr(self, key) for key in IO_KEYS)
+
+
 def fresh_lane_state(lane: int) -> dict:
     return {"lane": lane, "samples": 0, "doc": None, "offset": 0, "doc_pass": 0, "counters": []}
-
-
-class _Reader:
-    """One decompression pass over the stream, shared by the lanes in `lanes`."""
-
-    __slots__ = ("lanes", "stream")
-
-    def __init__(self, stream: RecordStream, lanes: set[int]):
-        self.stream = stream
-        self.lanes = lanes
 
 
 class Lane:
@@ -84,7 +108,7 @@ class Lane:
         self.offset = int(state["offset"])
         self.doc_pass = int(state.get("doc_pass", 0))
         self.restoring = self.doc is not None
-        self.dispatch_from = self.doc.ordinal if self.doc is not None else 0  # next ordinal this lane accepts
+        self.doc_unit = self.doc.ordinal if self.doc is not None else self.index  # the unit of its last document
         self.chunks: deque[list] = deque()  # [tokens int32 array, read offset, document position]
         self.available = 0
         self.delta = DataCounters()
@@ -100,11 +124,13 @@ class Lane:
                 self._restore(pos, item, shard)
                 return
             # Counted in epochs: when the heaviest source is not in the heaviest shard group, the last passes of
-            # each epoch (ceil(max group weight x max source weight) of them) include no record at all.
-            limit = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
-            if pos.pass_index - self.doc_pass >= limit:
+            # each epoch (ceil(max group weight x max source weight) of them) include no record at all. A lane
+            # reads about U / L units per pass (one unit every L / U passes when units are fewer than lanes).
+            passes = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
+            units_limit = passes * max(1, -(-len(spec.units) // spec.lanes))
+            if (pos.ordinal - self.doc_unit) // spec.lanes >= units_limit:
                 raise DataError(
-                    f"packing lane {self.index} found no usable document in {limit} passes "
+                    f"packing lane {self.index} found no usable document in {passes} passes' worth of its units "
                     f"over {len(spec.paths)} shards (too few good records for {spec.lanes} lanes, or mixture "
                     f"weights near 0?); use fewer data.lanes or check the shards with `hgrn-data verify`"
                 )
@@ -123,6 +149,7 @@ class Lane:
             tokens = g.encode(rec.text)
             self.delta.add_document(rec.source, len(tokens))
             self.doc_pass = pos.pass_index
+            self.doc_unit = pos.ordinal
             self.chunks.append([tokens, 0, pos])
             self.available += len(tokens)
             return
@@ -197,53 +224,35 @@ class Lane:
 
 
 class LaneGroup:
-    """Produces the samples of a set of lanes (one loader worker's share), reading the shards once for all."""
+    """Produces the samples of a set of lanes (one loader worker's share), each lane reading its own units."""
 
     def __init__(self, spec: PackingSpec, lane_states: list[dict], tokenizer):
         self.spec = spec
         self.parser = RecordParser(spec.record_format)
         self.warner = SkipWarner(spec.warn_limit)
         self._encode_document = tokenizer.encode_document
+        self.io = IoCounters()
         self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
-        self.queues: dict[int, deque] = {lane: deque() for lane in self.lanes}
-        self.queued_bytes = dict.fromkeys(self.lanes, 0)
-        self.readers: dict[int, _Reader] = {}
-        if self.lanes:
-            starts = [lane.doc if lane.doc is not None else START for lane in self.lanes.values()]
-            first = min(starts, key=lambda p: p.ordinal)
-            shared = _Reader(self._stream(first), set(self.lanes))
-            self.readers = dict.fromkeys(self.lanes, shared)
+        units = spec.units
+        if len(units) < spec.lanes and self.lanes and min(self.lanes) == 0:
+            log.warning("%d units of data (frames of indexed shards, whole shards otherwise) for %d lanes: each lane "
+                        "reads a unit only about every %.1f passes; reshard with `hgrn-data reshard` for more units",
+                        len(units), spec.lanes, spec.lanes / max(len(units), 1))
+        empty: set = set()
+        self.streams = {}
+        for index, lane in self.lanes.items():
+            self.streams[index] = LaneStream(units, spec.mixture, index, spec.lanes, lane.doc,
+                                             spec.record_format.max_document_bytes, self.io.add_read,
+                                             self.io.add_decompressed, empty, self.io.add_seek)
 
     def encode(self, text: str) -> np.ndarray:
+        self.io.documents_tokenized += 1
         return np.asarray(self._encode_document(text), dtype=np.int32)
 
-    def _stream(self, start: Position) -> RecordStream:
-        spec = self.spec
-        return RecordStream(spec.paths, spec.names, spec.mixture, start, spec.record_format.max_document_bytes)
-
     def next_record(self, lane: int) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
-        """The next record of `lane`, reading ahead for the other lanes that share its reader."""
-        queue = self.queues[lane]
-        L = self.spec.lanes
-        while not queue:
-            reader = self.readers[lane]
-            pos, item, shard = reader.stream.next()
-            owner = pos.ordinal % L
-            if owner not in reader.lanes or pos.ordinal < self.lanes[owner].dispatch_from:
-                continue  # another worker's lane, or a record this lane consumed before the resume
-            self.queues[owner].append((pos, item, shard))
-            self.lanes[owner].dispatch_from = pos.ordinal + 1
-            if isinstance(item, bytes):
-                self.queued_bytes[owner] += len(item)
-                if owner != lane and self.queued_bytes[owner] > self.spec.lookahead_bytes and len(reader.lanes) > 1:
-                    # `owner` lags far behind the lanes it shares a reader with: give it its own reader,
-                    # starting where the shared one stands, instead of buffering without bound.
-                    reader.lanes.discard(owner)
-                    self.readers[owner] = _Reader(self._stream(reader.stream.position), {owner})
-        pos, item, shard = queue.popleft()
-        if isinstance(item, bytes):
-            self.queued_bytes[lane] -= len(item)
-        return pos, item, shard
+        """The next record of `lane`'s units."""
+        self.io.lines_scanned += 1
+        return self.streams[lane].next()
 
     def produce(self, lane: int, sample_index: int) -> tuple[np.ndarray, np.ndarray, dict, DataCounters]:
         """Sample `sample_index` of `lane` (skipping earlier ones another rank takes), its snapshot and counts."""
@@ -256,4 +265,4 @@ class LaneGroup:
         return tokens, doc_start, state.snapshot(), state.take_delta()
 
     def num_readers(self) -> int:
-        return len({id(r) for r in self.readers.values()})
+        return len(self.streams)

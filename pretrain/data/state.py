@@ -21,7 +21,10 @@ from hgrn_megatron.corpus.shards import DataError
 
 from .packing import PackingSpec, fresh_lane_state
 
-STATE_FORMAT = "hgrn-data-state/1"
+STATE_FORMAT = "hgrn-data-state/2"
+# Format 1 dealt records to lanes one by one (record k to lane k mod L); format 2 deals units (frames, or whole
+# shards without an index): the same positions mean other data, so a format-1 state cannot continue.
+OLD_STATE_FORMATS = {"hgrn-data-state/1": "dealt records to lanes one by one; lanes now own whole units (frames)"}
 
 
 # Fingerprint keys that states saved by earlier versions lack, each with the value such a state stands for (what
@@ -29,6 +32,7 @@ STATE_FORMAT = "hgrn-data-state/1"
 # refused; the value is this version's default, so a run that keeps the default resumes.
 FINGERPRINT_DEFAULTS: dict[str, object] = {
     "max_document_bytes": DEFAULT_FORMAT.max_document_bytes,
+    "frame_layout": None,  # frames per shard when some shard has a frame index
 }
 _MISSING = object()
 
@@ -44,6 +48,7 @@ def fingerprint(spec: PackingSpec, tokenizer_sha256: str) -> dict:
         "source_weights": dict(sorted(spec.source_weights.items())),
         **dataclasses.asdict(spec.record_format),  # text_field, source_field, max_document_bytes
         "tokenizer_sha256": tokenizer_sha256,
+        **({"frame_layout": layout} if (layout := spec.units.layout()) is not None else {}),
     }
 
 
@@ -145,6 +150,9 @@ def merge_data_states(states: Sequence[dict]) -> dict:
 
 def as_global_state(state: dict) -> dict:
     """Accept a global state, or the state of a single-rank run (merged on the spot)."""
+    if isinstance(state, dict) and state.get("format") in OLD_STATE_FORMATS:
+        raise DataError(f"the data state has format {state['format']}, which {OLD_STATE_FORMATS[state['format']]}; "
+                        f"the sample order differs, so it cannot continue (start the data from a fresh state)")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         got = f"keys {sorted(state)[:6]}" if isinstance(state, dict) else type(state).__name__
         raise DataError(f"not a data state of format {STATE_FORMAT} (got {got})")

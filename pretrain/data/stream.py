@@ -1,23 +1,46 @@
-"""The endless record stream: pass after pass, each pass reading every shard in a seeded order, lines in order.
+"""Units of data and the lanes' record streams.
 
-Every record (a line, or the fault that ended a damaged shard) gets a `Position`; its `ordinal` counts records
-since the start of training over all passes, and record k belongs to packing lane `k mod lanes`. Positions are
-what the pipeline state stores, so a reader can be rebuilt at any record.
+A unit is a run of lines that can be read alone: a frame of a shard that has a frame index (`hgrn-data reshard`),
+or a whole shard without one. Pass p visits all U units in a seeded order (a hash of seed, pass, shard, frame);
+over all passes the units form one endless sequence, and unit ordinal k (pass k // U, slot k mod U) belongs to
+packing lane `k mod L`. A lane reads only its own units, lines in file order, so a worker decompresses only what
+its lanes use, and a lane's position (unit ordinal, line) lets a reader start by seeking to that unit: with
+frames, a resume decompresses at most one frame before its first record.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hgrn_megatron.corpus.frames import load_index
 from hgrn_megatron.corpus.shards import DataError, OversizedLine, StreamFault, iter_lines
 
-from .mixture import Mixture
+from .mixture import Mixture, hash_u64
+
+log = logging.getLogger(__name__)
+
+LANE_READ_CHUNK_BYTES = 64 << 10  # a lane's read size: small, since a worker holds one reader per lane
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """Compressed bytes [offset, offset + length) of shard `shard` (length None: to the end), lines from
+    `first_line` (`lines` of them; None when unknown, i.e. a shard without an index)."""
+
+    shard: int
+    frame: int
+    offset: int
+    length: int | None
+    first_line: int
+    lines: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a record is: its ordinal in the endless stream, and (pass, slot in that pass's order, line)."""
+    """Where a record is: its unit's ordinal in the endless unit sequence, (pass, slot in that pass's unit
+    order) of that ordinal, and the record's line in its shard."""
 
     ordinal: int
     pass_index: int
@@ -32,68 +55,130 @@ class Position:
         return cls(*(int(v) for v in values))
 
 
-START = Position(0, 0, 0, 0)
+class UnitTable:
+    """The units of a shard list and their seeded order per pass."""
 
-
-class RecordStream:
-    """Reads records from `start` onward; `next()` returns (position, raw line or StreamFault, shard index).
-
-    A line longer than `max_line_bytes` comes as an `OversizedLine` (never held whole). Starting mid-shard
-    decompresses the shard from its beginning and skips lines (no parsing).
-    """
-
-    def __init__(self, paths: Sequence[str | Path], names: Sequence[str], mixture: Mixture, start: Position = START,
-                 max_line_bytes: int | None = None):
+    def __init__(self, paths: Sequence[str | Path], seed: int):
         self.paths = [str(p) for p in paths]
-        self.names = list(names)
-        self.mixture = mixture
+        self.seed = seed
+        units: list[Unit] = []
+        for s, path in enumerate(self.paths):
+            index = load_index(path)
+            if index is None:
+                units.append(Unit(s, 0, 0, None, 0, None))
+            else:
+                units.extend(Unit(s, i, f.offset, f.length, f.first_line, f.lines) for i, f in enumerate(index.frames)
+                             if f.lines)
+        self.units = units
+        self.indexed = sum(u.length is not None for u in units)
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def layout(self) -> list[int] | None:
+        """Frames per shard (0 = no index): part of the fingerprint, None when no shard has an index."""
+        if not self.indexed:
+            return None
+        counts = [0] * len(self.paths)
+        for u in self.units:
+            counts[u.shard] += u.length is not None
+        return counts
+
+    def order(self, pass_index: int) -> list[int]:
+        order = self._orders.get(pass_index)
+        if order is None:
+            units = self.units
+            order = sorted(range(len(units)),
+                           key=lambda i: (hash_u64("unit", self.seed, pass_index, units[i].shard, units[i].frame), i))
+            if len(self._orders) > 4:
+                self._orders.clear()
+            self._orders[pass_index] = order
+        return order
+
+    def at(self, ordinal: int) -> tuple[int, int, Unit]:
+        """(pass, slot, unit) of unit ordinal `ordinal`."""
+        if not self.units:
+            raise DataError(f"no records in any of the {len(self.paths)} training shards: {self.paths[:3]}...")
+        p, slot = divmod(ordinal, len(self.units))
+        return p, slot, self.units[self.order(p)[slot]]
+
+
+class LaneStream:
+    """The records of one lane's units from `start` on; `next()` returns (position, raw line or StreamFault,
+    shard index). `on_read`/`on_decompressed` count bytes read from disk and bytes of text produced."""
+
+    def __init__(self, table: UnitTable, mixture: Mixture, lane: int, lanes: int, start: Position | None,
+                 max_line_bytes: int | None, on_read: Callable[[int], None] | None = None,
+                 on_decompressed: Callable[[int], None] | None = None, empty_units: set | None = None,
+                 on_seek: Callable[[int], None] | None = None):
+        self.table, self.mixture, self.lanes = table, mixture, lanes
         self.max_line_bytes = max_line_bytes
-        self._ordinal, self._pass, self._slot, self._line = start.ordinal, start.pass_index, start.slot, start.line
-        self._pass_records = 0
-        self._full_pass = start.slot == 0 and start.line == 0
-        self._lines: Iterator | None = None
-        self._open()
+        self.on_read, self.on_decompressed, self.on_seek = on_read, on_decompressed, on_seek
+        self.empty_units = empty_units if empty_units is not None else set()
+        self._ordinal = start.ordinal if start is not None else lane
+        self._start_line = start.line if start is not None else None
+        self._decompressed = 0
+        self._lines: Iterator | None = None  # opened at the first record: a lane costs nothing until it is read
 
-    @property
-    def position(self) -> Position:
-        """The position of the record `next()` returns next (its line may turn out to be past the shard's end)."""
-        return Position(self._ordinal, self._pass, self._slot, self._line)
+    def _count_decompressed(self, n: int) -> None:
+        self._decompressed += n
+        if self.on_decompressed is not None:
+            self.on_decompressed(n)
 
-    def shard_at(self, pass_index: int, slot: int) -> int:
-        return self.mixture.shard_order(pass_index)[slot]
+    def _open(self, skip_to: int | None = None) -> None:
+        self._pass, self._slot, unit = self.table.at(self._ordinal)
+        self._unit = unit
+        self._line = unit.first_line
+        self._records = 0
+        self._faulted = False
+        self._lines = iter_lines(self.table.paths[unit.shard], LANE_READ_CHUNK_BYTES, self.on_read,
+                                 self.max_line_bytes, unit.offset, unit.length, self._count_decompressed,
+                                 compressed=True if unit.length is not None else None, hold_open=False)
+        if skip_to is not None:
+            before = self._decompressed
+            self._skip(skip_to)
+            if self.on_seek is not None:  # text decompressed only to reach the saved line (with the line's own chunk)
+                self.on_seek(self._decompressed - before)
 
-    def _open(self) -> None:
-        shard = self.shard_at(self._pass, self._slot)
-        self._shard = shard
-        self._lines = iter_lines(self.paths[shard], max_line_bytes=self.max_line_bytes)
-        for skipped in range(self._line):
+    def _skip(self, line: int) -> None:
+        """Position the reader at shard line `line` of the current unit (a resume): read, never parse."""
+        path = self.table.paths[self._unit.shard]
+        while self._line < line:
             item = next(self._lines, None)
             if isinstance(item, StreamFault):  # resuming would silently read other data than the saved state's
-                raise DataError(f"{self.paths[shard]}: resuming at line {self._line + 1} of this shard, but it "
-                                f"fails after {skipped} lines ({item.kind}: {item.detail})")
+                raise DataError(f"{path}: resuming at line {line + 1} of this shard, but it fails after "
+                                f"{self._line} lines ({item.kind}: {item.detail})")
             if item is None:
-                raise DataError(
-                    f"{self.paths[shard]}: the saved data state points at line {self._line + 1}, but the shard "
-                    f"has only {skipped} records now; was the shard changed or replaced since the checkpoint?"
-                )
+                raise DataError(f"{path}: the saved data state points at line {line + 1}, but the shard has only "
+                                f"{self._line} records now; was the shard changed or replaced since the checkpoint?")
+            self._line += 1
+            self._records += 1
 
     def next(self) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
+        if self._lines is None:
+            self._open(skip_to=self._start_line)
         while True:
             item = next(self._lines, None)
             if item is not None:
                 break
-            self._slot += 1
-            self._line = 0
-            if self._slot == len(self.paths):
-                if self._full_pass and self._pass_records == 0:
-                    raise DataError(f"no records in any of the {len(self.paths)} training shards: {self.paths[:3]}...")
-                self._pass += 1
-                self._slot = 0
-                self._pass_records = 0
-                self._full_pass = True
+            self._end_of_unit()
+            self._ordinal += self.lanes
             self._open()
+        if isinstance(item, StreamFault):
+            self._faulted = True
         pos = Position(self._ordinal, self._pass, self._slot, self._line)
-        self._ordinal += 1
         self._line += 1
-        self._pass_records += 1
-        return pos, item, self._shard
+        self._records += 1
+        return pos, item, self._unit.shard
+
+    def _end_of_unit(self) -> None:
+        unit = self._unit
+        if unit.lines is not None and not self._faulted and self._records != unit.lines:
+            raise DataError(f"{self.table.paths[unit.shard]}: frame {unit.frame} holds {self._records} lines, its "
+                            f"index says {unit.lines}; the shard changed since it was indexed")
+        if self._records == 0:
+            self.empty_units.add((unit.shard, unit.frame))
+            if len(self.empty_units) >= len(self.table):
+                paths = self.table.paths
+                raise DataError(f"no records in any of the {len(paths)} training shards: {paths[:3]}...")

@@ -4,10 +4,20 @@ The validation shards are read in sorted order, documents tokenized with EOS app
 training samples (S + 1 tokens, stride S), up to `data.valid_samples` complete samples. Every token carries
 the index of its document's source in `source_names`, so the loss can be reported overall and per source.
 Rank r takes samples r, r + DP, ...; the last micro-batch of a rank may hold fewer rows.
+
+With a `cache_dir`, the packed validation set is written there once (`valid-<key>.npz`, tmp + rename) and read
+back by every later build whose key matches: a hash of the validation shards (paths, sizes, modification
+times), the tokenizer's sha256, the sequence length, `data.valid_samples` and the record format. Start-up then
+reads a small file instead of tokenizing the validation documents on every rank.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -55,9 +65,60 @@ def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, coun
     return tokens, sources
 
 
+def _cache_key(cfg: DataConfig, tokenizer, seq_length: int) -> str:
+    shards = []
+    for path in cfg.resolve_valid():
+        st = os.stat(path)
+        shards.append([str(path), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"shards": shards, "tokenizer": tokenizer.sha256, "seq_length": seq_length,
+                       "samples": cfg.valid_samples, "format": dataclasses.asdict(cfg.record_format())},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _packed_validation(cfg: DataConfig, tokenizer, S: int) -> dict | None:
+    """The packed validation stream: tokens, doc starts, source ids, source names, samples, skips."""
+    counters = DataCounters()
+    docs, doc_sources = _read_validation_tokens(cfg, tokenizer, cfg.valid_samples * S + 1, counters)
+    skipped = counters.summary()["skipped_by_kind"]
+    if not docs:
+        return {"skipped": skipped, "samples": 0, "source_names": [], "documents": False}
+    stream = np.concatenate(docs)
+    source_names = sorted(set(doc_sources))
+    index = {name: i for i, name in enumerate(source_names)}
+    source_ids = np.concatenate([np.full(len(d), index[s], dtype=np.int64) for d, s in zip(docs, doc_sources)])
+    starts = np.zeros(len(stream), dtype=np.bool_)
+    starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
+    samples = min(cfg.valid_samples, (len(stream) - 1) // S)
+    end = samples * S + 1  # only what the samples use
+    return {"tokens": stream[:end], "starts": starts[:end], "source_ids": source_ids[:end],
+            "source_names": source_names, "samples": samples, "skipped": skipped, "documents": True}
+
+
+def _cached_validation(cfg: DataConfig, tokenizer, S: int, cache_dir: str | Path | None) -> dict:
+    if cache_dir is None:
+        return _packed_validation(cfg, tokenizer, S)
+    path = Path(cache_dir) / f"valid-{_cache_key(cfg, tokenizer, S)}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if not meta["documents"]:
+                return meta
+            return {**meta, "tokens": z["tokens"], "starts": z["starts"], "source_ids": z["source_ids"]}
+    packed = _packed_validation(cfg, tokenizer, S)
+    meta = {k: packed[k] for k in ("samples", "skipped", "source_names", "documents")}
+    arrays = {k: packed[k] for k in ("tokens", "starts", "source_ids") if k in packed}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
+    return packed
+
+
 def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_batch_size: int,
-                             dp_rank: int = 0, dp_size: int = 1) -> dict:
-    """This rank's validation micro-batches.
+                             dp_rank: int = 0, dp_size: int = 1, cache_dir: str | Path | None = None) -> dict:
+    """This rank's validation micro-batches (read from `cache_dir` when a matching build was cached there).
 
     Returns `{"batches": [{"tokens", "doc_start", "source_ids"}: Long/Bool/Long [rows <= mb, S+1]],
     "source_names": [...], "samples": global sample count, "skipped": {kind: n}}`. Loss per source:
@@ -67,19 +128,13 @@ def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_
     if not cfg.valid_shards or cfg.valid_samples == 0:
         return empty
     S = seq_length
-    counters = DataCounters()
-    docs, doc_sources = _read_validation_tokens(cfg, tokenizer, cfg.valid_samples * S + 1, counters)
-    skipped = counters.summary()["skipped_by_kind"]
-    if not docs:
+    packed = _cached_validation(cfg, tokenizer, S, cache_dir)
+    skipped = packed["skipped"]
+    if not packed["documents"]:
         log.warning("data.valid_shards: no usable documents; validation is off")
         return {**empty, "skipped": skipped}
-    stream = np.concatenate(docs)
-    source_names = sorted(set(doc_sources))
-    index = {name: i for i, name in enumerate(source_names)}
-    source_ids = np.concatenate([np.full(len(d), index[s], dtype=np.int64) for d, s in zip(docs, doc_sources)])
-    starts = np.zeros(len(stream), dtype=np.bool_)
-    starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
-    samples = min(cfg.valid_samples, (len(stream) - 1) // S)
+    stream, starts, source_ids = packed["tokens"], packed["starts"], packed["source_ids"]
+    samples = packed["samples"]
     if samples < cfg.valid_samples and dp_rank == 0:
         log.warning("validation shards hold %d samples of %d tokens, fewer than data.valid_samples (%d)",
                     samples, S + 1, cfg.valid_samples)
@@ -89,4 +144,4 @@ def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_
         rows = [slice(j * S, j * S + S + 1) for j in mine[i : i + micro_batch_size]]
         batches.append(collate([(stream[r], starts[r], source_ids[r]) for r in rows],
                                ("tokens", "doc_start", "source_ids")))
-    return {"batches": batches, "source_names": source_names, "samples": samples, "skipped": skipped}
+    return {"batches": batches, "source_names": packed["source_names"], "samples": samples, "skipped": skipped}

@@ -64,7 +64,7 @@ def test_resumed_sequence_equals_uninterrupted(uninterrupted, tokenizer, legs, r
     cfg, ref_tokens, ref_starts = uninterrupted
     tokens, starts, state, passes = resume_chain(cfg, tokenizer, legs)
     if request.node.callspec.id == "across-epoch":
-        assert passes[0] == {0, 1}
+        assert {0, 1} <= passes[0]
     n = len(tokens)
     assert n == sum(dp * steps * MB for dp, _, steps in legs) <= TOTAL
     assert state["next_sample"] == n
@@ -143,16 +143,17 @@ def test_resuming_into_an_unreadable_shard_says_so(tmp_path):
     import zstandard
 
     from hgrn_megatron.pretrain.data.mixture import Mixture
-    from hgrn_megatron.pretrain.data.stream import Position, RecordStream
+    from hgrn_megatron.pretrain.data.stream import LaneStream, Position, UnitTable
 
     shard = tmp_path / "a.jsonl.zst"
     shard.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n' * 10))
-    start = Position(ordinal=5, pass_index=0, slot=0, line=5)
-    assert RecordStream([shard], ["a"], Mixture(1, 0), start).next()[0].line == 5
+    start = Position(ordinal=0, pass_index=0, slot=0, line=5)
+    table = UnitTable([shard], 0)
+    assert LaneStream(table, Mixture(1, 0), 0, 1, start, None).next()[0].line == 5
     shard.unlink()  # e.g. a file system that is not mounted on this node
     with pytest.raises(DataError, match=r"a\.jsonl\.zst: resuming at line 6 of this shard, but it fails after 0 "
                                         r"lines \(unreadable_shard: cannot open"):
-        RecordStream([shard], ["a"], Mixture(1, 0), start)
+        LaneStream(table, Mixture(1, 0), 0, 1, start, None).next()
 
 
 # The fingerprint keys of the first state format: a key beyond these needs a FINGERPRINT_DEFAULTS entry.

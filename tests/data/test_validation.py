@@ -1,6 +1,8 @@
 """Validation samples: fixed, identical at any DP size, every token labelled with its document's source."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 
@@ -58,3 +60,38 @@ def test_tokens_and_sources_follow_the_documents(tokenizer):
 def test_no_validation_shards_means_no_batches(tokenizer):
     out = build_validation_batches(data_config(VAL), tokenizer, S, 2, 0, 1)
     assert out["batches"] == [] and out["source_names"] == []
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the documents it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.documents = tokenizer, 0
+        self.sha256 = tokenizer.sha256
+
+    def encode_documents(self, texts):
+        self.documents += len(texts)
+        return self.tokenizer.encode_documents(texts)
+
+
+def test_the_validation_set_is_built_once_and_read_from_the_cache(tmp_path, tokenizer):
+    shutil.copy(ASSETS / "pile-mini" / "val.jsonl.zst", tmp_path / "val.jsonl.zst")
+    cfg = data_config(str(ASSETS / "pile-mini" / "train-*.jsonl.zst"), valid_shards=[str(tmp_path / "val.jsonl.zst")],
+                      valid_samples=6)
+    ref = build_validation_batches(cfg, tokenizer, 32, 4, 1, 2)
+    counting = CountingTokenizer(tokenizer)
+    first = build_validation_batches(cfg, counting, 32, 4, 1, 2, cache_dir=tmp_path / "cache")
+    built = counting.documents
+    again = build_validation_batches(cfg, counting, 32, 4, 1, 2, cache_dir=tmp_path / "cache")
+    other_rank = build_validation_batches(cfg, counting, 32, 4, 0, 2, cache_dir=tmp_path / "cache")
+    assert built > 0 and counting.documents == built  # read back, not tokenized again
+    assert other_rank["samples"] == ref["samples"] == 6
+    for got in (first, again):
+        assert got["source_names"] == ref["source_names"] and got["skipped"] == ref["skipped"]
+        assert len(got["batches"]) == len(ref["batches"])
+        for a, b in zip(got["batches"], ref["batches"]):
+            assert all(torch.equal(a[k], b[k]) for k in ("tokens", "doc_start", "source_ids"))
+    assert len(list((tmp_path / "cache").glob("valid-*.npz"))) == 1
+    build_validation_batches(cfg.model_copy(update={"valid_samples": 4}), counting, 32, 4, 0, 1,
+                             cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("valid-*.npz"))) == 2 and counting.documents > built
