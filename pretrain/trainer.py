@@ -110,8 +110,15 @@ def _data_totals(loader, dp_group) -> dict:
     t = per_lane.sum(dim=0).cpu()
     out = {"data_documents": int(t[0]), "data_skipped_records": int(t[1:].sum())}
     out.update({f"data_skipped/{k}": int(v) for k, v in zip(SKIP_KINDS, t[1:].tolist()) if v})
+    # What the pipeline read to get there (bytes from disk, decompressed, lines, documents), summed over replicas.
+    io = torch.tensor([float(stats.get(k, 0)) for k in DATA_IO_KEYS], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(io, group=dp_group)
+    out.update({f"data_{k}": int(v) for k, v in zip(DATA_IO_KEYS, io.cpu().tolist())})
     out["data_loader_tokens_per_s"] = stats.get("loader_tokens_per_s")
     return out
+
+
+DATA_IO_KEYS = ("read_bytes", "decompressed_bytes", "lines_scanned", "documents_tokenized", "seek_decompressed_bytes")
 
 
 class StartupTimeline:
@@ -318,13 +325,27 @@ class Trainer:
         return universal
 
     def _build_data(self, data_state: dict | None) -> None:
+        from megatron.core import parallel_state as ps
+
         from .data import TrainLoader, build_validation_batches
+        from .data.tp_loader import GroupLoader
 
         cfg, seq, mb = self.cfg, self.cfg.model.seq_length, self.cfg.train.micro_batch_size
-        self.loader = TrainLoader(cfg.data, self.tokenizer, seq, mb, self.dp_rank, self.dp_size, state=data_state)
+
+        def make_loader():
+            return TrainLoader(cfg.data, self.tokenizer, seq, mb, self.dp_rank, self.dp_size, state=data_state)
+
+        # The TP x CP ranks of a replica train on the same samples: its first rank loads them and broadcasts
+        # each micro-batch, so a document is read and tokenized once per replica.
+        if self.tp * self.cp > 1:
+            self.loader = GroupLoader(make_loader, ps.get_tensor_and_context_parallel_group(), seq, mb,
+                                      cfg.data.lanes, device=comm_device())
+        else:
+            self.loader = make_loader()
         self.val_batches, self.val_sources = [], []
         if cfg.train.eval_interval:
-            val = build_validation_batches(cfg.data, self.tokenizer, seq, mb, self.dp_rank, self.dp_size)
+            val = build_validation_batches(cfg.data, self.tokenizer, seq, mb, self.dp_rank, self.dp_size,
+                                           cache_dir=self.run_dir / "cache")
             self.val_batches, self.val_sources = val["batches"], val["source_names"]
         self.evaluating = bool(cfg.train.eval_interval) and all_reduce_max(len(self.val_batches)) > 0
         # Under ZeRO-3 a rank past its own validation batches runs this one (and discards it) while others go on.
