@@ -40,6 +40,7 @@ from megatron.core.transformer.utils import (
 )
 
 from hgrn_megatron.context_parallel import context_parallel_scan
+from hgrn_megatron.fp32_params import fp32_view, keep_fp32
 from hgrn_megatron.hgru_ops import forget_gate, gated_input, gated_norm
 from hgrn_megatron.mixers.hgrn import hgru_features, hgru_width
 
@@ -171,7 +172,7 @@ class HGRU(MegatronModule):
             rank = dist.get_rank(self.tp_group)
             channels = torch.arange(rank * self.local_width, (rank + 1) * self.local_width, dtype=torch.float32)
             theta = 10000.0 ** (-2.0 * channels / self.width)
-            self.theta = torch.nn.Parameter(theta.to(config.params_dtype))
+            self.theta = keep_fp32(torch.nn.Parameter(theta.to(config.params_dtype)))  # read in fp32 (fp32_params)
             set_tensor_model_parallel_attributes(self.theta, True, 0, 1)
         else:
             self.theta = None
@@ -220,7 +221,7 @@ class HGRU(MegatronModule):
         h, _ = context_parallel_scan(
             x,
             log_lambda,
-            theta=None if self.theta is None else self.theta.float(),
+            theta=None if self.theta is None else fp32_view(self.theta),
             reset=reset,
             group=self.cp_group,
             backend=self.options.scan_backend,
