@@ -111,3 +111,29 @@ def test_fp32_view_reads_the_master_and_passes_the_gradient_to_the_bf16_paramete
     with pytest.raises(RuntimeError, match="shape"):
         set_master(param, torch.zeros(2))
         fp32_view(param)
+
+
+def _train(tree: dict):
+    from hgrn_megatron.pretrain.config import RunConfig
+    from hgrn_megatron.pretrain.trainer import train
+
+    result = train(RunConfig.build(tree), resume="auto")
+    return result.exit_code, result.step
+
+
+@pytest.mark.slow
+def test_bf16_resume_is_bit_exact(tmp_path):
+    """A resumed bf16 run reads θ and the table from the loaded masters: its losses equal the straight run's
+    bit for bit (a forward still reading the freshly built model's values would differ from step 4 on)."""
+    from tests.pretrain.conftest import read_losses, tiny_run_tree
+
+    common = dict(train={"precision": "bf16", "steps": 6}, parallel={"zero_stage": 1},
+                  schedule={"decay_steps": 6}, optimizer={"lr": 3e-2, "min_lr": 3e-3})
+    straight = tiny_run_tree(tmp_path / "straight", **common)
+    assert run_distributed(_train, world_size=2, args=(straight,), timeout=240)[0] == (0, 6)
+    split = tiny_run_tree(tmp_path / "split", **common)
+    split["train"]["steps"] = 3
+    assert run_distributed(_train, world_size=2, args=(split,), timeout=240)[0] == (0, 3)
+    split["train"]["steps"] = 6
+    assert run_distributed(_train, world_size=2, args=(split,), timeout=240)[0] == (0, 6)
+    assert read_losses(split["run_dir"]) == read_losses(straight["run_dir"])
