@@ -19,7 +19,7 @@ pytestmark = pytest.mark.distributed
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
-def _run_config(zero_stage: int, tp: int, precision: str, micro: int = 2):
+def _run_config(zero_stage: int, tp: int, precision: str, micro: int = 2, accumulation: int = 1):
     from hgrn_megatron.pretrain.config import RunConfig
 
     return RunConfig.build({
@@ -27,7 +27,7 @@ def _run_config(zero_stage: int, tp: int, precision: str, micro: int = 2):
         "model": {"preset": "tiny", "num_layers": 3, "seq_length": 16},
         "data": {"train_shards": [str(ASSETS / "pile-mini" / "train-*.jsonl.zst")], "num_workers": 0},
         "tokenizer": {"model": str(ASSETS / "tokenizer" / "tokenizer.model")},
-        "train": {"steps": 100, "global_batch_size": micro * 2 // tp, "micro_batch_size": micro,
+        "train": {"steps": 100, "global_batch_size": micro * 2 // tp * accumulation, "micro_batch_size": micro,
                   "precision": precision, "eval_interval": 0},
         "optimizer": {"lr": 3e-2, "min_lr": 3e-2},  # large: θ and the table move by more than a bf16 ulp
         "schedule": {"warmup_steps": 0, "decay_style": "constant"},
@@ -37,14 +37,14 @@ def _run_config(zero_stage: int, tp: int, precision: str, micro: int = 2):
     })
 
 
-def _bf16_steps_then_record(zero_stage: int, tp: int, precision: str = "bf16") -> dict:
+def _bf16_steps_then_record(zero_stage: int, tp: int, accumulation: int = 1) -> dict:
     import hgrn_megatron.hgru as hgru
     from hgrn_megatron.model import lower_bounds_from_table
     from hgrn_megatron.pretrain.distributed import init_model_parallel
     from hgrn_megatron.pretrain.engine import build_engine, fp32_master
 
     init_model_parallel(tp)
-    engine = build_engine(_run_config(zero_stage, tp, precision), 256, dp_size=2 // tp)
+    engine = build_engine(_run_config(zero_stage, tp, "bf16", accumulation=accumulation), 256, dp_size=2 // tp)
     used = {"theta": [], "gamma": []}
     scan, gate = hgru.context_parallel_scan, hgru.forget_gate
 
@@ -59,7 +59,7 @@ def _bf16_steps_then_record(zero_stage: int, tp: int, precision: str = "bf16") -
     hgru.context_parallel_scan, hgru.forget_gate = spy_scan, spy_gate
     try:
         gen = torch.Generator().manual_seed(torch.distributed.get_rank() // tp)
-        for _ in range(3):
+        for _ in range(3 * accumulation):  # three optimizer steps
             used["theta"].clear(), used["gamma"].clear()
             tokens = torch.randint(0, 256, (2, 17), generator=gen)
             loss = engine(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
@@ -78,10 +78,11 @@ def _bf16_steps_then_record(zero_stage: int, tp: int, precision: str = "bf16") -
             "module_dtype": layers[0].self_attention.theta.dtype}
 
 
-@pytest.mark.parametrize("zero_stage,tp", [(0, 1), (1, 1), (2, 1), (3, 1), (1, 2)],
-                         ids=["zero0", "zero1", "zero2", "zero3", "tp2-zero1"])
-def test_forward_uses_the_fp32_masters_after_bf16_steps(zero_stage, tp):
-    results = run_distributed(_bf16_steps_then_record, world_size=2, args=(zero_stage, tp), timeout=240)
+@pytest.mark.parametrize("zero_stage,tp,accumulation", [(0, 1, 1), (1, 1, 1), (2, 1, 2), (3, 1, 1), (1, 2, 1)],
+                         ids=["zero0", "zero1", "zero2-accumulation2", "zero3", "tp2-zero1"])
+def test_forward_uses_the_fp32_masters_after_bf16_steps(zero_stage, tp, accumulation):
+    results = run_distributed(_bf16_steps_then_record, world_size=2, args=(zero_stage, tp, accumulation),
+                              timeout=240)
     for rank in results:
         assert rank["module_dtype"] == torch.bfloat16  # DeepSpeed did cast the module
         assert len(rank["used_theta"]) == len(rank["masters"]) == 3
