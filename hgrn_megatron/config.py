@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from hgrn_megatron.config_base import ConfigError, ConfigNode
 from hgrn_megatron.mixers import MIXERS, registered_mixers
 
-# What each form sets for the switches a config leaves out (mixer_bias under reference_code: add_bias_linear).
+# What each form sets for the switches a config leaves out (mixer_bias left None follows add_bias_linear).
 FORMS: dict[str, dict[str, Any]] = {
     "reference_code": {"output_gate_activation": "silu", "output_gate_placement": "after_norm"},
     "paper": {"output_gate_activation": "sigmoid", "output_gate_placement": "before_norm", "mixer_bias": True,
@@ -24,9 +24,7 @@ def _fill_from_form(data: Any) -> Any:
     """The switches `data` leaves out, from its form (an explicit switch wins)."""
     if not isinstance(data, dict) or data.get("form", "reference_code") not in FORMS:
         return data  # not a dict, or an unknown form: the field validators say what is wrong
-    defaults = dict(FORMS[data.get("form", "reference_code")])
-    defaults.setdefault("mixer_bias", data.get("add_bias_linear", False))
-    return {**defaults, **data}
+    return {**FORMS[data.get("form", "reference_code")], **data}
 
 
 class ModelConfig(ConfigNode):
@@ -75,9 +73,9 @@ class ModelConfig(ConfigNode):
         "after_norm",
         description="after_norm: Norm(h)·act(g) (reference code); before_norm: Norm(act(g)·h) (paper).",
     )
-    mixer_bias: bool = Field(
-        False, description="Biases on the HGRU's projections W_i, W_f, W_g, W_o (paper: yes; reference code: "
-        "no). Defaults to add_bias_linear under form 'reference_code'."
+    mixer_bias: bool | None = Field(
+        None, description="Biases on the HGRU's projections W_i, W_f, W_g, W_o (paper: yes; reference code: "
+        "no). None (the reference-code form's default): as add_bias_linear."
     )
     mixer_norm: Literal["layernorm", "rmsnorm"] = Field(
         "layernorm", description="Norm over the recurrence features before the output gate (authors: LayerNorm)."
@@ -157,6 +155,11 @@ class ModelConfig(ConfigNode):
                 f"num_layers ({self.num_layers}); or use recompute_method 'block'"
             )
         return self
+
+    @property
+    def mixer_biases(self) -> bool:
+        """Whether the HGRU's projections have biases (`mixer_bias`, or `add_bias_linear` when that is None)."""
+        return self.add_bias_linear if self.mixer_bias is None else self.mixer_bias
 
     def validate_parallel(self, tp_size: int) -> None:
         """Raise ConfigError unless `tp_size` tensor-parallel ranks can split this model evenly."""

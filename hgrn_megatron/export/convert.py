@@ -59,7 +59,7 @@ def hf_config_dict(model_cfg: dict[str, Any], vocab_size: int, special_ids: dict
         "reset_at_document_boundary": model_cfg["reset_at_document_boundary"],
         "norm": model_cfg["norm"],
         "norm_epsilon": model_cfg["norm_epsilon"],
-        "mixer_bias": model_cfg.get("mixer_bias", model_cfg.get("add_bias_linear", False)),
+        "mixer_bias": _mixer_bias(model_cfg),
         "mlp_bias": model_cfg.get("add_bias_linear", False),
         "initializer_range": model_cfg.get("init_method_std", 0.02),
         "tie_word_embeddings": model_cfg.get("share_embeddings_and_output_weights", False),
@@ -70,6 +70,12 @@ def hf_config_dict(model_cfg: dict[str, Any], vocab_size: int, special_ids: dict
         "eos_token_id": special_ids.get("eos_token_id"),
         "pad_token_id": special_ids.get("pad_token_id"),
     }
+
+
+def _mixer_bias(model_cfg: dict[str, Any]) -> bool:
+    """`mixer_bias`, where None (or a config saved before the switch existed) means `add_bias_linear`."""
+    value = model_cfg.get("mixer_bias")
+    return bool(model_cfg.get("add_bias_linear", False) if value is None else value)
 
 
 def native_state_dict(megatron_sd: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ def _sizes(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def parameters(cfg: ModelConfig) -> int:
-    d, bias = cfg.hidden_size, cfg.mixer_bias
+    d, bias = cfg.hidden_size, cfg.mixer_biases
     width, features = _sizes(cfg)
     total = linear_parameters(d, features, bias) + linear_parameters(d, width, bias)  # W_i, W_f
     total += linear_parameters(features, d, bias)  # W_o
@@ -88,7 +88,7 @@ def layer_spec(cfg: ModelConfig):
 
     options = HGRUOptions(variant=cfg.variant, expand_ratio=cfg.expand_ratio, mixer_norm=cfg.mixer_norm,
                           scan_backend=cfg.scan_backend, gate_activation=cfg.output_gate_activation,
-                          gate_placement=cfg.output_gate_placement, bias=cfg.mixer_bias)
+                          gate_placement=cfg.output_gate_placement, bias=cfg.mixer_biases)
     submodules = HGRUSubmodules(
         linear_in=ColumnParallelLinear,
         linear_forget=ColumnParallelLinear,

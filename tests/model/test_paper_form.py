@@ -15,14 +15,16 @@ from tests.model.model_harness import tiny_config
 
 def test_form_sets_the_switches_and_an_explicit_switch_wins():
     ref = ModelConfig.build({})
-    assert (ref.form, ref.output_gate_activation, ref.output_gate_placement, ref.mixer_bias) == (
+    assert (ref.form, ref.output_gate_activation, ref.output_gate_placement, ref.mixer_biases) == (
         "reference_code", "silu", "after_norm", False)
-    assert ModelConfig.build({"add_bias_linear": True}).mixer_bias  # reference code: follows add_bias_linear
+    assert ModelConfig.build({"add_bias_linear": True}).mixer_biases  # reference code: follows add_bias_linear
+    # A config saved before the switches existed (no such keys) compares equal to one built today.
+    assert ref.mixer_bias is None and ModelConfig.build({"add_bias_linear": True}).mixer_bias is None
     paper = ModelConfig.build({"form": "paper"})
     assert (paper.output_gate_activation, paper.output_gate_placement, paper.mixer_bias, paper.mixer_norm,
             paper.add_bias_linear) == ("sigmoid", "before_norm", True, "layernorm", False)
     mixed = ModelConfig.build({"form": "paper", "output_gate_activation": "silu", "mixer_bias": False})
-    assert (mixed.output_gate_activation, mixed.output_gate_placement, mixed.mixer_bias) == (
+    assert (mixed.output_gate_activation, mixed.output_gate_placement, mixed.mixer_biases) == (
         "silu", "before_norm", False)
     # A dumped config rebuilds to itself (the switches are explicit in it).
     assert ModelConfig.build(paper.model_dump()) == paper
@@ -93,3 +95,16 @@ def test_paper_form_has_biases_on_the_mixer_projections_only():
     for proj in ("linear_in", "linear_forget", "linear_gate", "linear_out"):
         assert f"{mixer}{proj}.bias" in names
     assert not any(name.startswith("decoder.layers.0.mlp.") and name.endswith(".bias") for name in names)
+
+
+def test_a_checkpoint_saved_before_the_switches_resumes_under_the_same_settings(tmp_path):
+    """A run saved before `form` and its switches existed (its config.yaml has none of them) compares equal to
+    the same settings today, biases included, so the resume check lets it continue."""
+    import yaml
+
+    from hgrn_megatron.pretrain.checkpoint.load import model_differences
+
+    old = {"preset": "tiny", "add_bias_linear": True, "mixer_norm": "rmsnorm"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": old}))
+    assert model_differences(tmp_path, ModelConfig.build(old)) == []
+    assert model_differences(tmp_path, ModelConfig.build({**old, "form": "paper"}))  # a real change is reported
