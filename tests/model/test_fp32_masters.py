@@ -75,7 +75,7 @@ def _bf16_steps_then_record(zero_stage: int, tp: int, accumulation: int = 1) -> 
     table = fp32_master(engine, engine.module.lower_bounds.table)
     gamma = lower_bounds_from_table(table)  # γ from the fp32 master table
     return {"used_theta": used["theta"], "used_gamma": used["gamma"], "masters": masters, "gamma": gamma,
-            "module_dtype": layers[0].self_attention.theta.dtype}
+            "table": table, "module_dtype": layers[0].self_attention.theta.dtype}
 
 
 @pytest.mark.parametrize("zero_stage,tp,accumulation", [(0, 1, 1), (1, 1, 1), (2, 1, 2), (3, 1, 1), (1, 2, 1)],
@@ -90,6 +90,7 @@ def test_forward_uses_the_fp32_masters_after_bf16_steps(zero_stage, tp, accumula
             assert used.dtype == torch.float32 and torch.equal(used, master)
             # The fp32 master is not a bf16 value: the forward would have differed with the module's copy.
             assert not torch.equal(master, master.bfloat16().float())
+        assert not torch.equal(rank["table"], rank["table"].bfloat16().float())  # trained off the bf16 grid
         assert rank["used_gamma"][0] is None  # layer 0: γ = 0
         for k, used in enumerate(rank["used_gamma"][1:], start=1):
             assert torch.equal(used, rank["gamma"][k])
