@@ -12,6 +12,20 @@ from pydantic import Field, field_validator, model_validator
 from hgrn_megatron.config_base import ConfigError, ConfigNode
 from hgrn_megatron.mixers import MIXERS, registered_mixers
 
+# What each form sets for the switches a config leaves out (mixer_bias left None follows add_bias_linear).
+FORMS: dict[str, dict[str, Any]] = {
+    "reference_code": {"output_gate_activation": "silu", "output_gate_placement": "after_norm"},
+    "paper": {"output_gate_activation": "sigmoid", "output_gate_placement": "before_norm", "mixer_bias": True,
+              "mixer_norm": "layernorm"},
+}
+
+
+def _fill_from_form(data: Any) -> Any:
+    """The switches `data` leaves out, from its form (an explicit switch wins)."""
+    if not isinstance(data, dict) or data.get("form", "reference_code") not in FORMS:
+        return data  # not a dict, or an unknown form: the field validators say what is wrong
+    return {**FORMS[data.get("form", "reference_code")], **data}
+
 
 class ModelConfig(ConfigNode):
     """One HGRN (or Transformer-baseline) language model. Defaults are the `tiny` preset."""
@@ -45,7 +59,24 @@ class ModelConfig(ConfigNode):
     use_lower_bound: bool = Field(
         True, description="Learned per-layer forget-gate lower bounds (HGRN §3.2); off: γ = 0 in every layer."
     )
-    output_gate: bool = Field(True, description="Multiply the normalised recurrence output by silu(x W_g).")
+    output_gate: bool = Field(True, description="Multiply the recurrence output by an output gate act(x W_g).")
+    form: Literal["reference_code", "paper"] = Field(
+        "reference_code",
+        description="Which of the two published forms of the HGRU the switches below default to: "
+        "'reference_code' (the authors' code: silu gate after the norm, no mixer biases) or 'paper' (HGRN §3.2: "
+        "sigmoid gate before a LayerNorm, biases on every mixer projection). An explicit switch wins.",
+    )
+    output_gate_activation: Literal["silu", "sigmoid"] = Field(
+        "silu", description="The output gate's activation (reference code: silu; paper: sigmoid)."
+    )
+    output_gate_placement: Literal["after_norm", "before_norm"] = Field(
+        "after_norm",
+        description="after_norm: Norm(h)·act(g) (reference code); before_norm: Norm(act(g)·h) (paper).",
+    )
+    mixer_bias: bool | None = Field(
+        None, description="Biases on the HGRU's projections W_i, W_f, W_g, W_o (paper: yes; reference code: "
+        "no). None (the reference-code form's default): as add_bias_linear."
+    )
     mixer_norm: Literal["layernorm", "rmsnorm"] = Field(
         "layernorm", description="Norm over the recurrence features before the output gate (authors: LayerNorm)."
     )
@@ -91,7 +122,7 @@ class ModelConfig(ConfigNode):
             except KeyError as err:
                 raise ValueError(err.args[0]) from None
             data = {**base, **data}
-        return data
+        return _fill_from_form(data)
 
     @field_validator("mixer")
     @classmethod
@@ -124,6 +155,11 @@ class ModelConfig(ConfigNode):
                 f"num_layers ({self.num_layers}); or use recompute_method 'block'"
             )
         return self
+
+    @property
+    def mixer_biases(self) -> bool:
+        """Whether the HGRU's projections have biases (`mixer_bias`, or `add_bias_linear` when that is None)."""
+        return self.add_bias_linear if self.mixer_bias is None else self.mixer_bias
 
     def validate_parallel(self, tp_size: int) -> None:
         """Raise ConfigError unless `tp_size` tensor-parallel ranks can split this model evenly."""

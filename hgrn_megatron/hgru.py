@@ -10,6 +10,10 @@ Network for Sequence Modeling" (NeurIPS 2023), §3, as the authors' reference co
     h_t = λ_t e^{iθ} h_{t−1} + (1 − λ_t) silu(i_t)      θ: learned per-channel phase (complex only)
     y = W_o( Norm([Re h, Im h]) · silu(x W_g) )
 
+The paper's §3.2 form differs in three places, each a switch (`HGRUOptions`, `ModelConfig.form`): a sigmoid
+output gate, the gate before the norm (y = W_o LayerNorm(σ(x W_g) ⊙ [Re h, Im h])), biases on every
+projection. docs/MODEL.md sets the two side by side.
+
 Tensor parallelism: W_i, W_f, W_g are column-parallel and W_o row-parallel, so a TP rank owns whole channels:
 both parts of each of its complex channels, their forget gates, their θ and their lower-bound column.
 To make contiguous column splits line up with channels, every 2·d-wide tensor is laid out channel-major
@@ -40,6 +44,7 @@ from megatron.core.transformer.utils import (
 )
 
 from hgrn_megatron.context_parallel import context_parallel_scan
+from hgrn_megatron.fp32_params import fp32_view, keep_fp32
 from hgrn_megatron.hgru_ops import forget_gate, gated_input, gated_norm
 from hgrn_megatron.mixers.hgrn import hgru_features, hgru_width
 
@@ -71,11 +76,13 @@ class TPFeatureNorm(MegatronModule):
         else:
             self.bias = None
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """Norm(x), times silu(gate) when a gate is given, in x's dtype (computed in fp32; `hgru_ops.gated_norm`:
-        statistics all-reduced over the TP group forward and backward, torch's fused kernels at TP = 1)."""
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, *, activation: str = "silu",
+                placement: str = "after_norm") -> torch.Tensor:
+        """Norm(x)·act(gate) (placement "before_norm": Norm(act(gate)·x)), or Norm(x) without a gate, in x's
+        dtype (computed in fp32; `hgru_ops.gated_norm`: statistics all-reduced over the TP group forward and
+        backward, torch's fused kernels at TP = 1)."""
         return gated_norm(x, gate, self.weight, self.bias, self.eps, tp_group=self.tp_group,
-                          hidden_size=self.hidden_size)
+                          hidden_size=self.hidden_size, activation=activation, placement=placement)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Weight and bias are split along the feature axis (by default custom tensors count as replicated)."""
@@ -108,6 +115,9 @@ class HGRUOptions:
     expand_ratio: int = 1  # real variant: channels = expand_ratio · d
     mixer_norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     scan_backend: str = "auto"  # passed to hgrn_scan
+    gate_activation: str = "silu"  # "silu" (reference code) | "sigmoid" (paper)
+    gate_placement: str = "after_norm"  # Norm(h)·act(g) | "before_norm": Norm(act(g)·h) (paper)
+    bias: bool | None = None  # biases on W_i, W_f, W_g, W_o; None: megatron's add_bias_linear
 
     def width(self, hidden_size: int) -> int:
         return hgru_width(self.variant, self.expand_ratio, hidden_size)
@@ -150,7 +160,7 @@ class HGRU(MegatronModule):
         if self.width % tp:
             raise ValueError(f"HGRU: {self.width} channels do not split over {tp} tensor-parallel ranks")
         self.local_width = self.width // tp
-        bias = config.add_bias_linear
+        bias = config.add_bias_linear if options.bias is None else options.bias
 
         def column(spec, out_features):
             return build_module(spec, d, out_features, config=config, init_method=config.init_method, bias=bias,
@@ -171,7 +181,7 @@ class HGRU(MegatronModule):
             rank = dist.get_rank(self.tp_group)
             channels = torch.arange(rank * self.local_width, (rank + 1) * self.local_width, dtype=torch.float32)
             theta = 10000.0 ** (-2.0 * channels / self.width)
-            self.theta = torch.nn.Parameter(theta.to(config.params_dtype))
+            self.theta = keep_fp32(torch.nn.Parameter(theta.to(config.params_dtype)))  # read in fp32 (fp32_params)
             set_tensor_model_parallel_attributes(self.theta, True, 0, 1)
         else:
             self.theta = None
@@ -220,7 +230,7 @@ class HGRU(MegatronModule):
         h, _ = context_parallel_scan(
             x,
             log_lambda,
-            theta=None if self.theta is None else self.theta.float(),
+            theta=None if self.theta is None else fp32_view(self.theta),
             reset=reset,
             group=self.cp_group,
             backend=self.options.scan_backend,
@@ -228,7 +238,8 @@ class HGRU(MegatronModule):
         h = h.reshape(b, s, -1)  # [b, s, features/tp], channel-major (re, im)
 
         gate = self.linear_gate(x_in)[0] if self.linear_gate is not None else None
-        y = self.norm(h, gate)  # one fused step that saves h and the gate only
+        # one fused step that saves h and the gate only
+        y = self.norm(h, gate, activation=self.options.gate_activation, placement=self.options.gate_placement)
         output, bias = self.linear_out(y.to(dtype))  # [b, s, d]
         # megatron's layout [s, b, d] as a view; its bias-dropout-add writes the residual sum in its own layout.
         return output.transpose(0, 1), bias

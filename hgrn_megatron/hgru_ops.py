@@ -7,8 +7,10 @@ bytes (activation memory is what bounds the micro-batch), on CPU in fp32 about h
 
 - `forget_gate(f, γ)`: (log λ, 1 − λ) for λ = γ + (1 − γ)·σ(f), without rounding λ.
 - `gated_input(i, 1 − λ)`: silu(i)·(1 − λ), the scan's input.
-- `gated_norm(h, gate, weight, bias)`: Norm(h)·silu(gate), the output before W_o (features may be split
+- `gated_norm(h, gate, weight, bias)`: Norm(h)·act(gate), the output before W_o (features may be split
   over TP ranks: the statistics are all-reduced forward and backward); with no gate, the mixer norm alone.
+  act is silu (the authors' code) or sigmoid (the paper); with `placement="before_norm"` the paper's
+  Norm(act(gate)·h) instead.
 
 On CUDA the gated input and (at TP = 1) the gated norm run as single-pass Triton kernels (`hgru_ops_triton.py`).
 """
@@ -124,21 +126,47 @@ class _GatedInput(torch.autograd.Function):
         return d_inputs.to(inputs.dtype), d_one_minus_lambda
 
 
+GATE_ACTIVATIONS = ("silu", "sigmoid")
+GATE_PLACEMENTS = ("after_norm", "before_norm")
+
+
 def gated_norm(h: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-               eps: float, tp_group=None, hidden_size: int | None = None) -> torch.Tensor:
-    """Norm(h)·silu(gate) (just Norm(h) when gate is None) over the last axis, in fp32, returned in h's dtype:
-    LayerNorm when `bias` is given, RMSNorm otherwise. Saves h, gate and the per-token statistics.
+               eps: float, tp_group=None, hidden_size: int | None = None, *, activation: str = "silu",
+               placement: str = "after_norm") -> torch.Tensor:
+    """Norm(h)·act(gate) (just Norm(h) when gate is None) over the last axis, in fp32, returned in h's dtype:
+    LayerNorm when `bias` is given, RMSNorm otherwise; act = `activation` (silu or sigmoid). Saves h, gate and
+    the per-token statistics. `placement="before_norm"`: Norm(act(gate)·h) (HGRN §3.2's form), composed
+    from autograd ops and the norm alone.
 
     With `tp_group` of more than one rank, h holds this rank's slice of `hidden_size` features: the statistics
     are summed over the group in the forward pass, and so are the two per-token sums of the backward pass
     (each rank's features feed every rank's outputs through them).
     """
+    if activation not in GATE_ACTIVATIONS or placement not in GATE_PLACEMENTS:
+        raise ValueError(f"gated_norm: activation must be one of {GATE_ACTIVATIONS} and placement one of "
+                         f"{GATE_PLACEMENTS} (got {activation!r}, {placement!r})")
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
-    fused = _triton_functions(h) if tp_group is None and gate is not None else None
+    if gate is not None and placement == "before_norm":
+        gated = _wide(h) * _activate(_wide(gate), activation)
+        return gated_norm(gated, None, weight, bias, eps, tp_group, hidden_size).to(h.dtype)
+    silu_gate = gate is not None and activation == "silu"
+    fused = _triton_functions(h) if tp_group is None and silu_gate else None
     if fused is not None:
         return fused.GatedNormTriton.apply(h, gate, weight, bias, eps)
-    return _GatedNorm.apply(h, gate, weight, bias, eps, tp_group, hidden_size or h.shape[-1])
+    return _GatedNorm.apply(h, gate, weight, bias, eps, tp_group, hidden_size or h.shape[-1], activation)
+
+
+def _activate(g: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.silu(g) if activation == "silu" else torch.sigmoid(g)
+
+
+def _activate_backward(grad: torch.Tensor, g: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad · act'(g)."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, g)
+    s = torch.sigmoid(g)
+    return grad * s * (1.0 - s)
 
 
 def _feature_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -161,7 +189,7 @@ class _GatedNorm(torch.autograd.Function):
     1/std come with them); RMSNorm and TP-split features use the composition below."""
 
     @staticmethod
-    def forward(ctx, h, gate, weight, bias, eps, group, hidden_size):
+    def forward(ctx, h, gate, weight, bias, eps, group, hidden_size, activation="silu"):
         h32 = _wide(h)  # h itself when h is fp32: never written in place
         ctx.fused = bias is not None and group is None
         if ctx.fused:
@@ -173,9 +201,9 @@ class _GatedNorm(torch.autograd.Function):
             x_hat = centred * rstd
             y = torch.addcmul(_wide(bias), x_hat, _wide(weight)) if bias is not None else x_hat.mul_(_wide(weight))
         ctx.save_for_backward(h, gate, weight, bias, mean, rstd)
-        ctx.group, ctx.hidden_size, ctx.eps = group, hidden_size, eps
+        ctx.group, ctx.hidden_size, ctx.eps, ctx.activation = group, hidden_size, eps, activation
         if gate is not None:
-            y.mul_(F.silu(_wide(gate)))
+            y.mul_(_activate(_wide(gate), activation))
         return y.to(h.dtype)
 
     @staticmethod
@@ -193,12 +221,12 @@ class _GatedNorm(torch.autograd.Function):
             else:
                 y = torch.addcmul(_wide(bias), x_hat, _wide(weight)) if bias is not None else x_hat * _wide(weight)
             gate32 = _wide(gate)
-            d_gate = torch.ops.aten.silu_backward(dout * y, gate32).to(gate.dtype)
-            dy = dout * F.silu(gate32)
+            d_gate = _activate_backward(dout * y, gate32, ctx.activation).to(gate.dtype)
+            dy = dout * _activate(gate32, ctx.activation)
         if ctx.fused:
             dh, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
                 dy, h32, (ctx.hidden_size,), mean, rstd, _wide(weight), _wide(bias), [True, True, True])
-            return dh.to(h.dtype), d_gate, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None, None
+            return dh.to(h.dtype), d_gate, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None, None, None
         reduce_dims = tuple(range(dy.dim() - 1))
         d_weight = (dy * x_hat).sum(reduce_dims).to(weight.dtype)
         d_bias = dy.sum(reduce_dims).to(bias.dtype) if bias is not None else None
@@ -212,4 +240,4 @@ class _GatedNorm(torch.autograd.Function):
         dh = dx_hat.sub_(x_hat.mul_(means[..., :1]))
         if mean is not None:
             dh.sub_(means[..., 1:])
-        return dh.mul_(rstd).to(h.dtype), d_gate, d_weight, d_bias, None, None, None
+        return dh.mul_(rstd).to(h.dtype), d_gate, d_weight, d_bias, None, None, None, None

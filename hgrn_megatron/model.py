@@ -28,6 +28,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 
 from hgrn_megatron.chunked_loss import chunked_cross_entropy
 from hgrn_megatron.config import ModelConfig
+from hgrn_megatron.fp32_params import fp32_view, keep_fp32
 from hgrn_megatron.layer_specs import MEGATRON_NORM, layer_spec
 from hgrn_megatron.mixers import get_mixer
 
@@ -78,6 +79,12 @@ def transformer_config_from(
     )
 
 
+def lower_bounds_from_table(table: torch.Tensor) -> torch.Tensor:
+    """γ `[num_layers, channels]` = cumsum(softmax(table)) − its first row, over layers (dim 0), in fp32."""
+    weights = table.float().softmax(dim=0)
+    return weights.cumsum(dim=0) - weights[0]
+
+
 class LayerLowerBounds(MegatronModule):
     """The forget-gate lower bounds of every layer (HGRN §3.2), from one learnable table.
 
@@ -91,13 +98,13 @@ class LayerLowerBounds(MegatronModule):
         super().__init__(config=config)
         self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
         tp = torch.distributed.get_world_size(self.tp_group)
-        self.table = torch.nn.Parameter(torch.zeros(num_layers, channels // tp, dtype=config.params_dtype))
+        table = torch.nn.Parameter(torch.zeros(num_layers, channels // tp, dtype=config.params_dtype))
+        self.table = keep_fp32(table)  # read in fp32 even under bf16 training (`fp32_params`)
         set_tensor_model_parallel_attributes(self.table, True, 1, 1)
 
     def forward(self, layer_index: int | None = None) -> torch.Tensor:
         """γ for one layer `[channels / tp]`, or for all `[num_layers, channels / tp]`, in fp32."""
-        weights = self.table.float().softmax(dim=0)
-        gamma = weights.cumsum(dim=0) - weights[0]
+        gamma = lower_bounds_from_table(fp32_view(self.table))
         return gamma if layer_index is None else gamma[layer_index]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

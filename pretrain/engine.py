@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from hgrn_megatron.fp32_params import fp32_parameters, set_master
 from hgrn_megatron.model import build_model, no_weight_decay
 
 from .config import RunConfig
@@ -62,6 +63,7 @@ def build_engine(cfg: RunConfig, padded_vocab_size: int, dp_size: int, load_univ
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, padded_vocab_size, initialize=initialize)
+    initial_fp32 = {name: p.detach().float().clone() for name, p in fp32_parameters(model)}
     optimizer = build_optimizer(cfg, model)
     ds_config = cfg.deepspeed_config(dp_size)
     if load_universal:
@@ -73,7 +75,75 @@ def build_engine(cfg: RunConfig, padded_vocab_size: int, dp_size: int, load_univ
         mpu=MegatronMpu(),
         dist_init_required=False,
     )
+    keep_fp32_masters_in_forward(engine, initial_fp32)
     return engine
+
+
+def keep_fp32_masters_in_forward(engine, initial: dict[str, torch.Tensor]) -> None:
+    """Under bf16/fp16 the forward pass reads the marked parameters (θ, the lower-bound table:
+    `hgrn_megatron.fp32_params`) as the optimizer's fp32 masters rather than the module's low-precision copies.
+
+    DeepSpeed builds its fp32 masters from the already-cast module, so first they get back the exact fp32
+    initial values; then every rank's copy of each master is refreshed after each optimizer step and after a
+    checkpoint load. Both are collectives over the data-parallel group (every rank calls `step` and
+    `load_checkpoint`). In fp32 training the module's parameters are the values the optimizer updates.
+    """
+    params = fp32_parameters(engine.module)
+    if not params or not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return
+    for name, param in params:
+        set_fp32_master(engine, param, initial[name])
+
+    def refresh() -> None:
+        for _, param in params:
+            set_master(param, fp32_master(engine, param))
+
+    refresh()
+    step, load_checkpoint = engine.step, engine.load_checkpoint
+
+    def step_then_refresh(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()  # the step updates parameters only there
+        result = step(*args, **kwargs)
+        if boundary:
+            refresh()
+        return result
+
+    def load_then_refresh(*args, **kwargs):
+        result = load_checkpoint(*args, **kwargs)
+        refresh()
+        return result
+
+    # Instance attributes: every caller of engine.step / engine.load_checkpoint keeps the masters current.
+    engine.step, engine.load_checkpoint = step_then_refresh, load_then_refresh
+
+
+def fp32_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
+    """The optimizer's fp32 master of `param` under bf16/fp16: ZeRO 1-3 and DeepSpeed's BF16 optimizer through
+    `safe_get_full_fp32_param` (a collective over the data-parallel group: a full copy), ZeRO 0's unfused
+    optimizer (`fp16_groups` / `fp32_groups`, one fp32 copy per parameter) directly (the copy itself)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(param)
+    if value is not None:
+        return value
+    optimizer = engine.optimizer
+    for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        for candidate, master in zip(low, high):
+            if candidate is param:
+                return master
+    raise RuntimeError(f"fp32_master: no fp32 master copy of a {tuple(param.shape)} parameter in "
+                       f"{type(optimizer).__name__}")
+
+
+def set_fp32_master(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Overwrite the optimizer's fp32 master of `param` with `value` (the full tensor of this TP rank)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, BF16 optimizer: partitioned
+        safe_set_full_fp32_param(param, value.to(engine.device))
+        return
+    with torch.no_grad():
+        fp32_master(engine, param).copy_(value)
 
 
 def set_learning_rate(engine, lr: float) -> None:

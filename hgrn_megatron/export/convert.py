@@ -52,11 +52,14 @@ def hf_config_dict(model_cfg: dict[str, Any], vocab_size: int, special_ids: dict
         "expand_ratio": model_cfg.get("expand_ratio", 1),
         "use_lower_bound": model_cfg["use_lower_bound"],
         "output_gate": model_cfg["output_gate"],
+        # Configs saved before these switches existed are the authors' code form.
+        "output_gate_activation": model_cfg.get("output_gate_activation", "silu"),
+        "output_gate_placement": model_cfg.get("output_gate_placement", "after_norm"),
         "mixer_norm": model_cfg["mixer_norm"],
         "reset_at_document_boundary": model_cfg["reset_at_document_boundary"],
         "norm": model_cfg["norm"],
         "norm_epsilon": model_cfg["norm_epsilon"],
-        "mixer_bias": model_cfg.get("add_bias_linear", False),
+        "mixer_bias": _mixer_bias(model_cfg),
         "mlp_bias": model_cfg.get("add_bias_linear", False),
         "initializer_range": model_cfg.get("init_method_std", 0.02),
         "tie_word_embeddings": model_cfg.get("share_embeddings_and_output_weights", False),
@@ -67,6 +70,12 @@ def hf_config_dict(model_cfg: dict[str, Any], vocab_size: int, special_ids: dict
         "eos_token_id": special_ids.get("eos_token_id"),
         "pad_token_id": special_ids.get("pad_token_id"),
     }
+
+
+def _mixer_bias(model_cfg: dict[str, Any]) -> bool:
+    """`mixer_bias`, where None (or a config saved before the switch existed) means `add_bias_linear`."""
+    value = model_cfg.get("mixer_bias")
+    return bool(model_cfg.get("add_bias_linear", False) if value is None else value)
 
 
 def native_state_dict(megatron_sd: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:

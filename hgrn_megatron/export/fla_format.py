@@ -41,8 +41,15 @@ def fla_unsupported(hf_config: dict[str, Any]) -> list[str]:
         reasons.append(f"mixer_norm={hf_config['mixer_norm']} (fla uses a gated RMSNorm)")
     if hf_config["norm"] != "rmsnorm":
         reasons.append(f"norm={hf_config['norm']} (fla's blocks use RMSNorm)")
-    if hf_config["mixer_bias"] or hf_config["mlp_bias"]:
-        reasons.append("add_bias_linear=true (fla's linears have no biases)")
+    if hf_config["output_gate"] and hf_config.get("output_gate_activation", "silu") != "silu":
+        reasons.append(f"output_gate_activation={hf_config['output_gate_activation']} (fla's gate is silu)")
+    if hf_config["output_gate"] and hf_config.get("output_gate_placement", "after_norm") != "after_norm":
+        reasons.append(f"output_gate_placement={hf_config['output_gate_placement']} (fla gates after its "
+                       "norm: RMSNorm(h) * silu(g))")
+    if hf_config["mixer_bias"]:
+        reasons.append("mixer_bias=true (fla's HGRN projections have no biases; form 'paper' has them)")
+    if hf_config["mlp_bias"]:
+        reasons.append("add_bias_linear=true (fla's MLP linears have no biases)")
     if float(hf_config["expand_ratio"]) != int(hf_config["expand_ratio"]):
         reasons.append(f"expand_ratio={hf_config['expand_ratio']} is not whole")
     return reasons

@@ -21,8 +21,8 @@ GATE_FLOPS_PER_CHANNEL = 7
 INPUT_FLOPS_PER_FEATURE = 3
 #   scan per channel: real exp(g)·h + x = 3; complex exp(g)·(cos θ, sin θ) = 2, complex mul = 6, complex add = 2
 SCAN_FLOPS_PER_CHANNEL = {"real": 3, "complex": 10}
-#   output gate per feature: silu = 2, multiply = 1
-OUTPUT_GATE_FLOPS_PER_FEATURE = 3
+#   output gate per feature: the activation (silu = 2: sigmoid and multiply; sigmoid = 1), multiply = 1
+OUTPUT_GATE_FLOPS_PER_FEATURE = {"silu": 3, "sigmoid": 2}
 
 
 def hgru_width(variant: str, expand_ratio: int, hidden_size: int) -> int:
@@ -42,7 +42,7 @@ def _sizes(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def parameters(cfg: ModelConfig) -> int:
-    d, bias = cfg.hidden_size, cfg.add_bias_linear
+    d, bias = cfg.hidden_size, cfg.mixer_biases
     width, features = _sizes(cfg)
     total = linear_parameters(d, features, bias) + linear_parameters(d, width, bias)  # W_i, W_f
     total += linear_parameters(features, d, bias)  # W_o
@@ -61,7 +61,7 @@ def forward_flops(cfg: ModelConfig, seq_length: int) -> dict[str, float]:
     elementwise = GATE_FLOPS_PER_CHANNEL * width + INPUT_FLOPS_PER_FEATURE * features
     elementwise += NORM_FLOPS_PER_FEATURE[cfg.mixer_norm] * features
     if cfg.output_gate:
-        elementwise += OUTPUT_GATE_FLOPS_PER_FEATURE * features
+        elementwise += OUTPUT_GATE_FLOPS_PER_FEATURE[cfg.output_gate_activation] * features
     return {
         "mixer_matmul": 2.0 * projections,
         "scan": float(SCAN_FLOPS_PER_CHANNEL[cfg.variant] * width),
@@ -74,7 +74,7 @@ def lower_bound_channels(cfg: ModelConfig) -> int:
 
 
 def details(cfg: ModelConfig) -> str:
-    return cfg.variant
+    return cfg.variant if cfg.form == "reference_code" else f"{cfg.variant}, {cfg.form} form"
 
 
 def layer_spec(cfg: ModelConfig):
@@ -87,7 +87,8 @@ def layer_spec(cfg: ModelConfig):
     from hgrn_megatron.layer_specs import layer_with_mixer
 
     options = HGRUOptions(variant=cfg.variant, expand_ratio=cfg.expand_ratio, mixer_norm=cfg.mixer_norm,
-                          scan_backend=cfg.scan_backend)
+                          scan_backend=cfg.scan_backend, gate_activation=cfg.output_gate_activation,
+                          gate_placement=cfg.output_gate_placement, bias=cfg.mixer_biases)
     submodules = HGRUSubmodules(
         linear_in=ColumnParallelLinear,
         linear_forget=ColumnParallelLinear,

@@ -83,3 +83,14 @@ def test_settings_fla_cannot_express_are_refused(tmp_path, tokenizer_dir, capsys
     err = capsys.readouterr().err
     assert "variant=complex" in err and "mixer_norm=layernorm" in err
     assert not (tmp_path / "fla").exists()
+
+
+def test_the_paper_form_is_refused_with_each_reason(tmp_path, tokenizer_dir, capsys):
+    """fla's HGRN is the authors' code form: a sigmoid gate, the gate before the norm and mixer biases are not
+    expressible (a real-variant, RMSNorm model, so these are the only reasons)."""
+    run_dir, _ = _run(tmp_path, tokenizer_dir, variant="real", form="paper", mixer_norm="rmsnorm")
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "fla"), "--format", "fla"]) == 2
+    err = capsys.readouterr().err
+    assert "output_gate_activation=sigmoid" in err and "output_gate_placement=before_norm" in err
+    assert "mixer_bias=true" in err and "variant" not in err and "mixer_norm" not in err
+    assert not (tmp_path / "fla").exists()

@@ -2,7 +2,8 @@
 
 Four checkpoints cover every pair of (TP 1 | 2) x (ZeRO 1 | 3) x (complex | real); the ablation switches are
 spread over them (document reset, tied embeddings, biases, RMSNorm mixer norm, no output gate, no lower
-bounds, LayerNorm blocks, expand ratio 2). Each is trained 2 steps with a large learning rate so every
+bounds, LayerNorm blocks, expand ratio 2, the paper's form: sigmoid gate before the norm with mixer biases, and a
+sigmoid gate alone). Each is trained 2 steps with a large learning rate so every
 parameter has left its initial value, saved by the engine's `save_checkpoint`, then exported by the CLI.
 """
 from __future__ import annotations
@@ -18,9 +19,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 CASES = {
     "tp1-zero1-complex": dict(tp=1, dp=2, zero=1, model=dict(variant="complex")),
     "tp2-zero3-complex": dict(tp=2, dp=1, zero=3, model=dict(
-        variant="complex", reset_at_document_boundary=True, share_embeddings_and_output_weights=True)),
+        variant="complex", reset_at_document_boundary=True, share_embeddings_and_output_weights=True, form="paper")),
     "tp2-zero1-real": dict(tp=2, dp=1, zero=1, model=dict(
-        variant="real", expand_ratio=2, mixer_norm="rmsnorm", add_bias_linear=True)),
+        variant="real", expand_ratio=2, mixer_norm="rmsnorm", add_bias_linear=True, output_gate_activation="sigmoid")),
     "tp1-zero3-real": dict(tp=1, dp=2, zero=3, model=dict(
         variant="real", output_gate=False, use_lower_bound=False, norm="layernorm",
         reset_at_document_boundary=True)),

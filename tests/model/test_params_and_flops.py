@@ -13,6 +13,8 @@ from tests.model.model_harness import VOCAB, init_model_parallel, measured_matmu
 ABLATIONS = {
     "real-expand2-rmsnorm-nogate": dict(variant="real", expand_ratio=2, mixer_norm="rmsnorm", output_gate=False),
     "no-lower-bound-biases-layernorm": dict(use_lower_bound=False, add_bias_linear=True, norm="layernorm"),
+    "paper-form": dict(form="paper"),
+    "mixer-biases-only-real": dict(variant="real", mixer_bias=True),
     "attention": dict(mixer="attention"),
     "attention-biases-tied": dict(mixer="attention", add_bias_linear=True, share_embeddings_and_output_weights=True),
 }
@@ -40,7 +42,8 @@ def test_parameter_count_analytic_equals_built_for_every_preset():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("overrides", [dict(), dict(variant="real", expand_ratio=2, output_gate=False),
-                                       dict(mixer="attention")], ids=["complex", "real", "attention"])
+                                       dict(form="paper"), dict(mixer="attention")],
+                         ids=["complex", "real", "paper", "attention"])
 def test_matmul_flops_match_torch_flop_counter(overrides):
     cfg = tiny_config(reset_at_document_boundary=True, **overrides)
     b, s = 2, 16

@@ -27,6 +27,11 @@ VARIANTS = {
     "real": dict(variant="real", expand_ratio=2, mixer_norm="rmsnorm", output_gate=False, norm="layernorm",
                  share_embeddings_and_output_weights=True),
     "attention": dict(mixer="attention", reset_at_document_boundary=True),
+    # the paper's §3.2 form: sigmoid gate before a LayerNorm, biases on the mixer projections only
+    "paper": dict(form="paper"),
+    # each switch alone, on the real variant with RMSNorm: sigmoid gate after the norm, mixer biases
+    "real-sigmoid-gate-mixer-bias": dict(variant="real", mixer_norm="rmsnorm", output_gate_activation="sigmoid",
+                                         mixer_bias=True),
 }
 
 

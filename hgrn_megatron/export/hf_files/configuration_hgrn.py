@@ -13,6 +13,8 @@ except ImportError:  # pragma: no cover - transformers 4.x
 
 VARIANTS = ("complex", "real")
 NORMS = ("rmsnorm", "layernorm")
+GATE_ACTIVATIONS = ("silu", "sigmoid")
+GATE_PLACEMENTS = ("after_norm", "before_norm")
 
 
 class HGRNConfig(_BaseConfig):
@@ -26,7 +28,10 @@ class HGRNConfig(_BaseConfig):
         variant: "complex" (the paper's HGRU: a complex state per channel, learned phase theta) or "real".
         expand_ratio: real variant only: the recurrent state has `hidden_size * expand_ratio` channels.
         use_lower_bound: learn the per-layer forget-gate lower bounds (one `[layers, channels]` table); off means 0.
-        output_gate: multiply the normalised recurrent output by silu(x W_g) before the output projection.
+        output_gate: multiply the recurrent output by an output gate act(x W_g) before the output projection.
+        output_gate_activation: the gate's act, "silu" (the authors' code) or "sigmoid" (the paper).
+        output_gate_placement: "after_norm": Norm(h) * act(g) (the authors' code); "before_norm": Norm(act(g) * h)
+            (the paper, section 3.2).
         mixer_norm: norm over the recurrent output features before the output projection ("layernorm" in the
             paper's code, "rmsnorm" as an option).
         reset_at_document_boundary: clear the recurrent state at the first token of every document. Without an
@@ -52,6 +57,8 @@ class HGRNConfig(_BaseConfig):
         expand_ratio: float = 1,
         use_lower_bound: bool = True,
         output_gate: bool = True,
+        output_gate_activation: str = "silu",
+        output_gate_placement: str = "after_norm",
         mixer_norm: str = "layernorm",
         reset_at_document_boundary: bool = False,
         norm: str = "rmsnorm",
@@ -72,6 +79,12 @@ class HGRNConfig(_BaseConfig):
         for field, value in (("mixer_norm", mixer_norm), ("norm", norm)):
             if value not in NORMS:
                 raise ValueError(f"HGRNConfig.{field} must be one of {NORMS}, got {value!r}")
+        if output_gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"HGRNConfig.output_gate_activation must be one of {GATE_ACTIVATIONS}, "
+                             f"got {output_gate_activation!r}")
+        if output_gate_placement not in GATE_PLACEMENTS:
+            raise ValueError(f"HGRNConfig.output_gate_placement must be one of {GATE_PLACEMENTS}, "
+                             f"got {output_gate_placement!r}")
         if scan_backend not in ("auto", "torch"):
             raise ValueError(f"HGRNConfig.scan_backend must be 'auto' or 'torch', got {scan_backend!r}")
         inner = int(hidden_size * expand_ratio) if variant == "real" else hidden_size
@@ -85,6 +98,8 @@ class HGRNConfig(_BaseConfig):
         self.expand_ratio = expand_ratio
         self.use_lower_bound = use_lower_bound
         self.output_gate = output_gate
+        self.output_gate_activation = output_gate_activation
+        self.output_gate_placement = output_gate_placement
         self.mixer_norm = mixer_norm
         self.reset_at_document_boundary = reset_at_document_boundary
         self.norm = norm

@@ -9,7 +9,9 @@ the linear recurrence
     h_t = lambda_t * h_{t-1} + (1 - lambda_t) * silu(x_t W_i)                      (real variant)
 
 with the forget gate `lambda_t = gamma_k + (1 - gamma_k) * sigmoid(x_t W_f)` bounded below by a per-layer
-`gamma_k` that rises with depth (paper, section 3.2). The output is `W_o(Norm([Re h, Im h]) * silu(x W_g))`.
+`gamma_k` that rises with depth (paper, section 3.2). The output is `W_o(Norm([Re h, Im h]) * silu(x W_g))` as in
+the authors' code, or in the paper's form `W_o(LayerNorm(sigmoid(x W_g) * [Re h, Im h]))`: the gate's activation
+(`output_gate_activation`) and place (`output_gate_placement`) are settings of the config, as are biases.
 Complex features are laid out channel-major, `(re_0, im_0, re_1, im_1, ...)`, in W_i, W_g, the mixer norm and
 W_o's input, as in the training framework (a norm over all features does not depend on their order).
 
@@ -103,6 +105,8 @@ class HGRNMixer(nn.Module):
         self.out_norm = _make_norm(config.mixer_norm, width, config.norm_epsilon)
         self.o_proj = nn.Linear(width, config.hidden_size, bias=bias)
         self.theta = nn.Parameter(torch.empty(self.channels)) if self.is_complex else None
+        self.gate_activation = F.silu if config.output_gate_activation == "silu" else torch.sigmoid
+        self.gate_before_norm = config.output_gate_placement == "before_norm"
 
     def forward(self, x, lower_bound=None, pad_mask=None, doc_start=None, state=None):
         """x `[B, T, hidden]`; lower_bound `[D]` or None (gamma = 0); pad_mask `[B, T]` True at real tokens;
@@ -141,9 +145,13 @@ class HGRNMixer(nn.Module):
             last = h[:, -1]
         features = torch.view_as_real(h).flatten(-2) if self.is_complex else h
         # The scan hands back h in the input's dtype; the norm and the gate then run in fp32.
-        out = _norm_fp32(self.out_norm, features.to(x.dtype))
-        if self.g_proj is not None:
-            out = out * F.silu(self.g_proj(x).float())
+        features = features.to(x.dtype).float()
+        gate = None if self.g_proj is None else self.gate_activation(self.g_proj(x).float())
+        if gate is not None and self.gate_before_norm:  # the paper's LayerNorm(g * h)
+            out = _norm_fp32(self.out_norm, features * gate)
+        else:  # the authors' code: Norm(h) * g
+            out = _norm_fp32(self.out_norm, features)
+            out = out if gate is None else out * gate
         return self.o_proj(out.to(x.dtype)), last
 
     def _use_framework_kernel(self, x, pad_mask, state) -> bool:
