@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-MFU_GOAL = {"hgrn-1b:hgrn": 0.45}  # issue 9; for reference MPT-1B trains at 41.8 % MFU on H100 (llm-foundry)
-SCAN_SPEEDUP_GOAL, SCAN_COPY_GOAL = 1.3, 0.70  # issue 3: vs fla chunk_hgrn (fwd+bwd); share of copy bandwidth
+MFU_GOAL = {"hgrn-1b:hgrn": 0.45}  # for reference MPT-1B trains at 41.8 % MFU on H100 (llm-foundry)
+SCAN_SPEEDUP_GOAL, SCAN_COPY_GOAL = 1.3, 0.70  # goals: vs fla chunk_hgrn (fwd+bwd); share of copy bandwidth
 
 
 def _load(path: Path) -> dict | None:

@@ -14,7 +14,7 @@ torch's fused AdamW, DeepSpeed ZeRO-1, bf16), finds the largest micro-batch that
 - memory: the CUDA allocator's peak during the timed steps (and what it had reserved);
 - MFU: `hgrn_megatron.flops.flops_per_token` (forward + backward, every matmul, the scan and gates) x tokens/s
   over the device's dense bf16 peak from `pretrain.metrics.PEAK_FLOPS`.
-Goal (issue 9): hgrn-1b >= 45 % MFU on one H200.
+Goal: hgrn-1b >= 45 % MFU on one H200 (OLMo-core and MPT-1B class efficiency for a 1B model).
 
 `--cpu-smoke` runs every step of that on the CPU at the `tiny` preset's size (bf16, ZeRO-1, synthetic tokens),
 with peak RSS standing in for device memory and a small memory budget, so the search, timing, MFU and report

@@ -13,7 +13,7 @@ What is timed (bf16 inputs, fp32 state), at (B=16, T=8192, D=128) and (B=8, T=40
   copy   a device-to-device copy of the same number of bytes: the bandwidth ceiling
 Bytes are counted as the minimum the operation must move (forward: read x, g, write h; backward adds: read
 do, g, x, write dx, dg), the same figure for every implementation, so "GB/s" compares like with like.
-Goals (issue 3): forward+backward faster than fla's chunk kernel by >= 1.3x; >= 70% of copy bandwidth.
+Goals: forward+backward faster than fla's chunk kernel by >= 1.3x; >= 70% of copy bandwidth.
 """
 from __future__ import annotations
 

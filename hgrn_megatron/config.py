@@ -110,6 +110,12 @@ class ModelConfig(ConfigNode):
         "group); block: only the first recompute_num_layers layers."
     )
     recompute_num_layers: int = Field(1, gt=0, description="Group size (uniform) or layer count (block).")
+    loss_chunk_tokens: int | None = Field(
+        8192, gt=0, description="When a micro-batch holds more tokens than this, compute the LM head and the loss "
+        "this many tokens at a time, recomputing the logits in the backward pass (`chunked_loss.py`): the same "
+        "loss and gradients without the fp32 logits of the whole micro-batch in memory (145 KiB/token at a 32 k "
+        "vocabulary), for one more head matmul per token. None: never."
+    )
 
     @model_validator(mode="before")
     @classmethod

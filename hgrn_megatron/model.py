@@ -138,9 +138,10 @@ class HostRotaryEmbedding(RotaryEmbedding):
 class HGRNModel(GPTModel):
     """GPTModel with HGRU mixers (or another registered mixer), the lower-bound table and a `doc_start` input.
 
-    `loss_chunk_tokens` (None: megatron's full logits): with labels, compute the LM head and the loss that many
-    tokens at a time, recomputing the logits in the backward pass (`chunked_loss.py`); the same loss and
-    gradients without the fp32 logits in memory. Taken from `ModelConfig.loss_chunk_tokens` where it exists.
+    `loss_chunk_tokens` (`ModelConfig.loss_chunk_tokens`; None: megatron's full logits): with labels, and more
+    tokens than that in the micro-batch, compute the LM head and the loss that many tokens at a time,
+    recomputing the logits in the backward pass (`chunked_loss.py`): the same loss and gradients without the
+    fp32 logits in memory.
     """
 
     loss_chunk_tokens: int | None = None
@@ -195,7 +196,8 @@ class HGRNModel(GPTModel):
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         """megatron's output layer and loss, or with `loss_chunk_tokens` set (training with labels) the chunked
         loss, which never holds the whole sequence's logits."""
-        plain = (labels is None or not self.loss_chunk_tokens or not self.post_process or self.mtp_process
+        plain = (labels is None or not self.loss_chunk_tokens or labels.numel() <= self.loss_chunk_tokens
+                 or not self.post_process or self.mtp_process
                  or kwargs.get("inference_context") is not None or self.output_layer.bias is not None)
         if plain:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)

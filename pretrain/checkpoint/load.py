@@ -94,7 +94,8 @@ def unusable_error(root: Path, reasons: list[str]) -> CheckpointError:
 
 # Model settings a resume may change: they decide how the same parameters are computed or stored, not what they are.
 RESUMABLE_MODEL_CHANGES = frozenset(
-    {"preset", "scan_backend", "recompute_granularity", "recompute_method", "recompute_num_layers"}
+    {"preset", "scan_backend", "recompute_granularity", "recompute_method", "recompute_num_layers",
+     "loss_chunk_tokens"}
 )
 
 
