@@ -54,6 +54,20 @@ def batch(b: int = 2, s: int = 24, vocab: int = VOCAB, seed: int = 7, doc_starts
     return x.input_ids.contiguous(), x.labels.contiguous(), doc_start
 
 
+def train_steps(model, steps: int, lr: float = 3e-3) -> list[float]:
+    """`steps` AdamW steps of `model` on one fixed batch (4 x 32 tokens with document starts); the losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ids, labels, doc_start = batch(b=4, s=32)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(ids, labels=labels, doc_start=doc_start).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b| (0 when both are zero)."""
     scale = b.abs().max().item()

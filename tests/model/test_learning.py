@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hgrn_megatron.testing.distributed import run_distributed
-from tests.model.model_harness import batch, build, init_model_parallel, tiny_config
+from tests.model.model_harness import build, init_model_parallel, tiny_config, train_steps
 
 pytestmark = pytest.mark.distributed
 
@@ -16,15 +16,7 @@ STEPS = 40
 def _train_on_one_batch(cfg):
     init_model_parallel()
     model = build(cfg, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    ids, labels, doc_start = batch(b=4, s=32)
-    losses = []
-    for _ in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(ids, labels=labels, doc_start=doc_start).mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, STEPS)
     theta = model.decoder.layers[1].self_attention.theta
     moved = {"theta": (theta - build(cfg, seed=0).decoder.layers[1].self_attention.theta).abs().max().item(),
              "lower_bounds": model.lower_bounds.table.abs().max().item()}

@@ -23,7 +23,6 @@ from tests.model import toy_mixer
 from tests.model.model_harness import (
     VOCAB,
     assert_tp2_matches_tp1,
-    batch,
     build,
     init_model_parallel,
     max_rel_diff,
@@ -31,6 +30,7 @@ from tests.model.model_harness import (
     packed_vs_fresh,
     run_tp1_and_tp2,
     tiny_config,
+    train_steps,
 )
 
 TOY = "running_mean"
@@ -78,15 +78,7 @@ def _build_count_measure_and_train(cfg):
     built = sum(p.numel() for p in build_model(cfg, VOCAB, meta=True).parameters())
     model = build(cfg, seed=0)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    ids, labels, doc_start = batch(b=4, s=32)
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(ids, labels=labels, doc_start=doc_start).mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, TRAIN_STEPS)
     unchanged = [name for name, p in model.named_parameters() if torch.equal(p.detach(), initial[name])]
     return built, losses, unchanged
 
