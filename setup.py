@@ -64,7 +64,8 @@ setup(
         "numpy",
     ],
     # flash-linear-attention: only for the `--format fla` parity test (its HGRNForCausalLM on CPU).
-    extras_require={"dev": ["pytest>=8", "ruff>=0.15", "matplotlib>=3.7", "flash-linear-attention>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.15", "matplotlib>=3.7", "flash-linear-attention>=0.6"],
+                    "wandb": ["wandb>=0.18"]},
     entry_points={
         "console_scripts": [
             "hgrn-pretrain=hgrn_megatron.pretrain.__main__:main",
