@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 GiB = 2**30
 
@@ -119,11 +120,15 @@ class Memory:
         return sum(self.states.values()) + self.activations + CUDA_OVERHEAD_BYTES
 
 
+def configured_chunk(cfg) -> int | None:
+    return getattr(cfg.model, "loss_chunk_tokens", None)  # the model config's field, where it exists
+
+
 def memory(cfg, params: int, vocab: int, lay: Layout, seq_length: int | None = None,
-           micro_batch: int | None = None) -> Memory:
+           micro_batch: int | None = None, chunk: int | str | None = "config") -> Memory:
     seq = seq_length or cfg.model.seq_length
     tokens = (micro_batch or cfg.train.micro_batch_size) * seq / lay.cp
-    chunk = getattr(cfg.model, "loss_chunk_tokens", None)
+    chunk = configured_chunk(cfg) if chunk == "config" else chunk
     d = cfg.model.hidden_size
     return Memory(
         states=state_bytes(cfg, params, lay),
@@ -133,16 +138,17 @@ def memory(cfg, params: int, vocab: int, lay: Layout, seq_length: int | None = N
     )
 
 
-def longest_sequence(cfg, params: int, vocab: int, lay: Layout, gpu_bytes: float, multiple: int = 1024) -> int:
+def longest_sequence(cfg, params: int, vocab: int, lay: Layout, gpu_bytes: float, multiple: int = 1024,
+                     chunk: int | str | None = "config") -> int:
     """The longest seq_length (a multiple of `multiple` x CP) whose memory at micro-batch 1 (one sequence per
     GPU, the long-context setting) fits `gpu_bytes`; 0 if none does."""
     step = multiple * lay.cp
     lo, hi = 0, step
-    while memory(cfg, params, vocab, lay, hi, 1).total <= gpu_bytes and hi < 2**40:
+    while memory(cfg, params, vocab, lay, hi, 1, chunk).total <= gpu_bytes and hi < 2**40:
         lo, hi = hi, hi * 2
     while hi - lo > step:  # memory grows monotonically with the length: bisect on multiples of `step`
         mid = (lo + hi) // 2 // step * step
-        if memory(cfg, params, vocab, lay, mid, 1).total <= gpu_bytes:
+        if memory(cfg, params, vocab, lay, mid, 1, chunk).total <= gpu_bytes:
             lo = mid
         else:
             hi = mid
@@ -206,7 +212,7 @@ def report(cfg, world: int, params: int, vocab: int, flops_per_token: float, mac
     lay = layout(cfg, world)
     mem = memory(cfg, params, vocab, lay)
     states = ", ".join(f"{name} {_gib(b)}" for name, b in mem.states.items())
-    chunk = getattr(cfg.model, "loss_chunk_tokens", None)
+    chunk = configured_chunk(cfg)
     if chunk:
         loss_note = f"chunked loss ({chunk} tokens): {_gib(mem.logits)}; full fp32 logits would take "
     else:
@@ -244,3 +250,34 @@ def report(cfg, world: int, params: int, vocab: int, flops_per_token: float, mac
 
 def _next_multiple(value: int, of: int) -> int:
     return max(of, -(-value // of) * of)
+
+
+def long_context_table(config_paths: list[str], world: int = 64, vocab: int = 32000, gpu_gib: float = 80.0,
+                       cps: tuple[int, ...] = (1, 2, 4, 8)) -> str:
+    """The markdown table of docs/LAUNCH.md: the longest trainable sequence (micro-batch 1) per config and CP
+    size, without and with full recompute, and with the chunked loss on top (4096-token chunks)."""
+    from hgrn_megatron.flops import count_parameters
+    from hgrn_megatron.tokenizer import padded_vocab_size
+
+    from .config import load_config
+
+    rows = ["| config | TP | CP | DP | recompute off | full recompute | full recompute + chunked loss |",
+            "|---|---|---|---|---|---|---|"]
+    for path in config_paths:
+        for cp in cps:
+            cfg = load_config(path, [f"parallel.context_parallel_size={cp}"])
+            recompute = load_config(path, [f"parallel.context_parallel_size={cp}", "model.recompute_granularity=full"])
+            lay = layout(cfg, world)
+            padded = padded_vocab_size(vocab, lay.tp)
+            params = count_parameters(cfg.model, padded)
+            cells = [longest_sequence(c, params, padded, lay, gpu_gib * GiB, chunk=k)
+                     for c, k in ((cfg, None), (recompute, None), (recompute, 4096))]
+            rows.append(f"| {Path(path).name} | {lay.tp} | {cp} | {lay.dp} | "
+                        + " | ".join(f"{n // 1024:,} k" for n in cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(long_context_table(sys.argv[1:] or ["configs/hgrn-1b.yaml", "configs/hgrn-7b.yaml"]))

@@ -107,3 +107,15 @@ def test_recompute_and_the_chunked_loss_shrink_activations():
     assert sizing.layers_bytes_per_token(plain, 1) == 16 * 148.5 * KiB
     mem = sizing.memory(plain, 10**9, VOCAB, lay)
     assert mem.logits_other < mem.logits  # the chunked loss keeps one chunk's logits, not the micro-batch's
+
+
+def test_the_long_context_table_rows_are_the_longest_sequences():
+    table = sizing.long_context_table([str(CONFIGS / "hgrn-1b.yaml")], cps=(1, 2))
+    rows = [line for line in table.splitlines() if line.startswith("| hgrn-1b")]
+    assert len(rows) == 2
+    cfg = load_config(str(CONFIGS / "hgrn-1b.yaml"), ["parallel.context_parallel_size=2"])
+    lay = sizing.layout(cfg, 64)
+    n = sizing.longest_sequence(cfg, count_parameters(cfg.model, 32000), 32000, lay, 80 * GiB, chunk=None)
+    assert rows[1].startswith(f"| hgrn-1b.yaml | 1 | 2 | 32 | {n // 1024:,} k |")
+    off, full, chunked = (int(c.strip().removesuffix(" k").replace(",", "")) for c in rows[1].split("|")[5:8])
+    assert off < full < chunked  # recompute frees the layers' activations, the chunked loss the logits
