@@ -119,3 +119,14 @@ def test_the_long_context_table_rows_are_the_longest_sequences():
     assert rows[1].startswith(f"| hgrn-1b.yaml | 1 | 2 | 32 | {n // 1024:,} k |")
     off, full, chunked = (int(c.strip().removesuffix(" k").replace(",", "")) for c in rows[1].split("|")[5:8])
     assert off < full < chunked  # recompute frees the layers' activations, the chunked loss the logits
+
+
+def test_context_parallel_divides_the_activations_and_a_small_gpu_does_not_fit(capsys):
+    one = _plan(capsys, "hgrn-1b.yaml", 64)
+    two = _plan(capsys, "hgrn-1b.yaml", 64, "parallel.context_parallel_size=2", "--gpu-memory-gib", "24")
+    assert "world 64 = TP 1 x CP 2 x DP 32" in two
+    assert _gib(two, "layers") == pytest.approx(_gib(one, "layers") / 2, abs=0.01)
+    assert _gib(two, "optimizer") == _gib(one, "optimizer")  # ZeRO shards over DP x CP: 64 ranks either way
+    assert "fits in 24 GiB" in two
+    small = _plan(capsys, "hgrn-1b.yaml", 64, "--gpu-memory-gib", "24")
+    assert "DOES NOT FIT in 24 GiB" in small
