@@ -84,7 +84,11 @@ class MetricsWriter:
         if enabled and wandb is not None:
             from .wandb_run import start_wandb_run
 
-            self.wandb_run = start_wandb_run(run_dir, wandb, run_config or {})
+            try:
+                self.wandb_run = start_wandb_run(run_dir, wandb, run_config or {})
+            except Exception as err:  # no login, no network, a wrong entity: a logging sink must not stop training
+                log.error("Weights & Biases not started (%s: %s); training goes on, the scalars are in "
+                          "metrics.jsonl%s", type(err).__name__, err, " and TensorBoard" if self.tb else "")
         self._truncate_after(start_step)
 
     def _truncate_after(self, step: int) -> None:

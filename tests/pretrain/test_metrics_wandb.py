@@ -88,3 +88,16 @@ def test_a_missing_wandb_package_is_a_one_line_config_error(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "pip install 'hgrn-megatron[wandb]'" in err and "Traceback" not in err
     assert load_config(CONFIG, ["logging.wandb.mode=disabled"]).logging.wandb.mode == "disabled"
+
+
+def test_a_wandb_run_that_cannot_start_is_reported_and_training_logs_on(tmp_path, monkeypatch, caplog):
+    """Online without an API key (HOME without a netrc): W&B refuses before any network access."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    writer = MetricsWriter(run_dir, tensorboard=False, enabled=True, wandb=WandbConfig(mode="online"))
+    writer.write(_train_record(1))
+    writer.close()
+    assert "Weights & Biases not started" in caplog.text and "API key" in caplog.text
+    assert json.loads((run_dir / "metrics.jsonl").read_text())["loss"] == 10.0
