@@ -237,15 +237,19 @@ def report(cfg, world: int, params: int, vocab: int, flops_per_token: float, mac
         f"checkpoint: {checkpoint_bytes(cfg, params) / 1e9:.1f} GB (weights, fp32 master weights, Adam moments)",
         f"time: {rate:,.0f} tokens/s at {100 * machine.mfu:.0f}% MFU of {machine.peak_flops / 1e12:g} TFLOP/s per "
         f"GPU ({rate / world:,.0f} per GPU); {cfg.train.steps:,} steps in {seconds / 3600:,.1f} h; "
-        f"{nodes(world, machine.gpus_per_node)} nodes of {machine.gpus_per_node} GPUs",
+        f"{_count(nodes(world, machine.gpus_per_node), 'node')} of {machine.gpus_per_node} GPUs",
     ]
     lanes = cfg.data.lanes
-    if lanes < lay.dp or lanes % lay.dp:
+    if lanes % lay.dp:  # also when lanes < DP
         lines.append(f"WARNING: data.lanes ({lanes}) is not a multiple of DP {lay.dp}: ranks share packing lanes "
                      "and each tokenizes more than 1/DP of the text; lanes cannot change on resume, so this is "
                      f"permanent for the run (set data.lanes to a multiple of every DP size it may use, e.g. "
                      f"{_next_multiple(lanes, lay.dp)})")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _next_multiple(value: int, of: int) -> int:
