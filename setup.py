@@ -64,11 +64,12 @@ setup(
         "numpy",
     ],
     # flash-linear-attention: only for the `--format fla` parity test (its HGRNForCausalLM on CPU).
-    # lm-eval: hgrn-eval's downstream tasks (lm-evaluation-harness; --shards needs nothing extra). The dev extra
-    # includes it so the test suite exercises the harness.
+    # lm-eval: hgrn-eval's downstream tasks (lm-evaluation-harness; --shards needs nothing extra); wandb: the
+    # optional Weights & Biases sink. The dev extra includes both so the test suite exercises them.
     extras_require={"dev": ["pytest>=8", "ruff>=0.15", "matplotlib>=3.7", "flash-linear-attention>=0.6",
-                            "lm-eval>=0.4.9,<0.5"],
-                    "eval": ["lm-eval>=0.4.9,<0.5"]},
+                            "lm-eval>=0.4.9,<0.5", "wandb>=0.18"],
+                    "eval": ["lm-eval>=0.4.9,<0.5"],
+                    "wandb": ["wandb>=0.18"]},
     entry_points={
         "console_scripts": [
             "hgrn-pretrain=hgrn_megatron.pretrain.__main__:main",

@@ -26,16 +26,19 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def plan(cfg, world_size: int) -> str:
-    """What a run of `cfg` on `world_size` ranks would do, computed without building anything."""
+def plan(cfg, world_size: int, machine=None) -> str:
+    """What a run of `cfg` on `world_size` ranks would do, computed without building anything: the batch
+    arithmetic, memory per GPU, the longest sequence that fits, time and nodes (`sizing.py`: the model)."""
     import json
 
     from hgrn_megatron.config_base import ConfigError
     from hgrn_megatron.flops import count_parameters, flops_per_token
     from hgrn_megatron.tokenizer import Tokenizer, TokenizerError, padded_vocab_size
 
-    tp = cfg.parallel.tensor_parallel_size
-    dp = world_size // tp
+    from . import sizing
+
+    tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    dp = world_size // (tp * cp)
     try:
         vocab = Tokenizer.load(cfg.tokenizer.model).vocab_size
         vocab_note = f"tokenizer {cfg.tokenizer.model}: {vocab} pieces"
@@ -53,18 +56,20 @@ def plan(cfg, world_size: int) -> str:
     seq, steps = cfg.model.seq_length, cfg.train.steps
     tokens_per_step = cfg.train.global_batch_size * seq
     m = cfg.model
+    params, flops = count_parameters(cfg.model, padded), flops_per_token(cfg.model, padded, seq)
+    cp_part = f"CP {cp} x " if cp > 1 else ""
     recompute = (f"{m.recompute_granularity} ({m.recompute_method}, {m.recompute_num_layers} layer"
                  f"{'s' if m.recompute_num_layers > 1 else ''})" if m.recompute_granularity else "off")
     return "\n".join([
         f"model: {cfg.model.preset or 'custom'} ({cfg.model.mixer}), "
-        f"{count_parameters(cfg.model, padded) / 1e6:,.1f} M "
-        f"parameters, {flops_per_token(cfg.model, padded, seq):.3e} training FLOPs/token at seq {seq}",
+        f"{params / 1e6:,.1f} M parameters, {flops:.3e} training FLOPs/token at seq {seq}",
         f"vocabulary: {vocab_note}; padded to {padded} (multiple of 128 x TP {tp})",
-        f"world {world_size} = TP {tp} x DP {dp}; ZeRO {cfg.parallel.zero_stage}; {cfg.train.precision}; "
+        f"world {world_size} = TP {tp} x {cp_part}DP {dp}; ZeRO {cfg.parallel.zero_stage}; {cfg.train.precision}; "
         f"activation recompute {recompute}",
         f"batch: {cfg.train.global_batch_size} samples = micro-batch {cfg.train.micro_batch_size} x DP {dp} x "
         f"accumulation {cfg.grad_accumulation_steps(dp)}; {tokens_per_step:,} tokens/step, "
         f"{tokens_per_step * steps / 1e9:.3f} B tokens in {steps:,} steps",
+        *sizing.report(cfg, world_size, params, padded, flops, machine or sizing.Machine()),
         f"data: {data_note}",
         f"run dir: {cfg.run_dir}",
         "DeepSpeed config:",
@@ -84,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: the number of ranks to plan for (default: the launcher's; on one "
                              "process, the config's tensor_parallel_size)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                        help="with --dry-run: GPU memory to size for (default 80)")
+    parser.add_argument("--mfu", type=float, default=0.45,
+                        help="with --dry-run: model FLOP utilisation to estimate the time with (default 0.45)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="with --dry-run: dense peak TFLOP/s per GPU (default 989: H100/H200 bf16)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="with --dry-run: GPUs per node (default 8)")
     return parser
 
 
@@ -139,7 +151,7 @@ def _main(argv: list[str] | None) -> int:
         world_size = args.world_size or (le.world_size if le.world_size > 1 or not args.dry_run
                                          else cfg.parallel.tensor_parallel_size)
         if not args.print_config:
-            cfg.validate_world(world_size)
+            _validate_world(cfg, world_size, explain=args.dry_run)
         if not (args.dry_run or args.print_config):  # a dry run reports the data and tokenizer instead
             cfg.check_start_files()  # a missing shard or tokenizer fails here, once, not on every rank later
     except ConfigError as err:
@@ -148,9 +160,30 @@ def _main(argv: list[str] | None) -> int:
         print(dump_config(cfg), end="")
         return 0
     if args.dry_run:
-        print(plan(cfg, world_size))
+        from .sizing import Machine
+
+        print(plan(cfg, world_size, Machine(args.gpu_memory_gib, args.gpus_per_node, args.mfu,
+                                             args.peak_tflops * 1e12)))
         return 0
     return _train(cfg, args.resume, le.rank)
+
+
+def _validate_world(cfg, world_size: int, explain: bool) -> None:
+    """cfg.validate_world; for a dry run, a batch that does not split over the ranks also says what would."""
+    from hgrn_megatron.config_base import ConfigError
+
+    try:
+        cfg.validate_world(world_size)
+    except ConfigError as err:
+        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+        t, replica = cfg.train, tp * cp
+        per_pass = t.micro_batch_size * world_size // replica
+        if not explain or world_size % replica or t.global_batch_size % per_pass == 0:
+            raise  # not the batch arithmetic
+        from .sizing import batch_fixes
+
+        fixes = batch_fixes(t.global_batch_size, t.micro_batch_size, world_size // replica, replica)
+        raise ConfigError(f"{err}\n  would work: " + "\n  would work: ".join(fixes)) from None
 
 
 def _config_error(err: Exception) -> int:

@@ -118,9 +118,33 @@ class CheckpointConfig(ConfigNode):
     save_at_end: bool = True
 
 
+class WandbConfig(ConfigNode):
+    project: str = Field("hgrn-megatron", description="Weights & Biases project.")
+    entity: str | None = Field(None, description="W&B team or user; None: the account's default.")
+    name: str | None = Field(None, description="Run name shown in W&B; None: the run directory's name.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline: write the run under RUN_DIR/wandb only (upload later with `wandb sync`)."
+    )
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbConfig:
+        # Checked when the config is read, before any process group: a missing package is one line, not a
+        # traceback on rank 0 after the model was built.
+        import importlib.util
+
+        if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("the wandb package is not installed: pip install 'hgrn-megatron[wandb]' "
+                             "(or set logging.wandb=null)")
+        return self
+
+
 class LoggingConfig(ConfigNode):
     log_interval: int = Field(10, gt=0, description="Steps between console lines / metrics.jsonl records.")
     tensorboard: bool = True
+    wandb: WandbConfig | None = Field(
+        None, description="Also log the scalars to Weights & Biases from rank 0 (None: off); a resumed run "
+        "continues the same W&B run (its id is kept in RUN_DIR/wandb_run_id)."
+    )
 
 
 class RunConfig(ConfigNode):

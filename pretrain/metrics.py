@@ -49,19 +49,46 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-class MetricsWriter:
-    """Rank-0 sink for scalars. `metrics.jsonl` gets one JSON object per call of `write`."""
+# Record keys that are not curves: the run's length and the time left, in metrics.jsonl and the console only.
+NOT_PLOTTED = frozenset({"step", "total_steps", "eta_s"})
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool, start_step: int = 0):
+
+def scalar_tags(record: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The plotted scalars of `record` under `prefix/`, the prefix not repeated: `val_loss/a` -> `val/loss/a`."""
+    tags = {}
+    for key, value in record.items():
+        if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = key[len(prefix) + 1:] if key.startswith(prefix + "_") else key
+        tags[f"{prefix}/{name}"] = value
+    return tags
+
+
+class MetricsWriter:
+    """Rank-0 sink for scalars. `metrics.jsonl` gets one JSON object per call of `write`; TensorBoard and
+    Weights & Biases (when configured) get the same scalars."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool, start_step: int = 0,
+                 wandb: Any = None, run_config: dict[str, Any] | None = None):
         """`start_step`: the step the run resumes from; what an earlier attempt logged after it is dropped
-        (metrics.jsonl rewritten, TensorBoard told to purge later events), so each step appears exactly once."""
+        (metrics.jsonl rewritten, TensorBoard told to purge later events), so each step appears exactly once.
+        `wandb`: a `WandbConfig` (None: off); `run_config`: the resolved config, recorded as the W&B run's config."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        self.wandb_run = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        if enabled and wandb is not None:
+            from .wandb_run import start_wandb_run
+
+            try:
+                self.wandb_run = start_wandb_run(run_dir, wandb, run_config or {})
+            except Exception as err:  # no login, no network, a wrong entity: a logging sink must not stop training
+                log.error("Weights & Biases not started (%s: %s); training goes on, the scalars are in "
+                          "metrics.jsonl%s", type(err).__name__, err, " and TensorBoard" if self.tb else "")
         self._truncate_after(start_step)
 
     def _truncate_after(self, step: int) -> None:
@@ -83,16 +110,24 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tags = scalar_tags(record, prefix)
         if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            for tag, value in tags.items():
+                self.tb.add_scalar(tag, value, record["step"])
             self.tb.flush()
+        if self.wandb_run is not None:
+            # Logged against our own `step` axis, not W&B's internal counter: a resume re-logs the steps after
+            # its checkpoint, which W&B's monotonic counter would drop.
+            self.wandb_run.log({"step": record["step"], **tags})
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb_run is not None:
+            from .wandb_run import finish_wandb_run
+
+            finish_wandb_run(self.wandb_run)
+            self.wandb_run = None
 
 
 def console_line(r: dict[str, Any]) -> str:

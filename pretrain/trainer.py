@@ -179,7 +179,8 @@ class Trainer:
         self._build_data(data_state)
         self.startup.mark("data and validation")
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, enabled=self.rank == 0,
-                                     start_step=self.state.step)
+                                     start_step=self.state.step, wandb=cfg.logging.wandb,
+                                     run_config=cfg.model_dump(mode="json"))
         if self.parent:
             self.metrics.write({"split": "init", "step": 0, "init_from": self.parent[0],
                                 "init_from_step": self.parent[1]}, prefix="init")

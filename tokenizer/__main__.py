@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TokenizerTrainConfig.model_fields
     t = sub.add_parser("train", help="train a SentencePiece model on documents sampled from shards")
     t.add_argument("--shards", nargs="+", required=True, help="globs, directories or files of *.jsonl[.zst]")
-    t.add_argument("--out", required=True, help="output directory (tokenizer.model, .vocab, .json)")
+    t.add_argument("--out", required=True,
+                   help="output directory (tokenizer.model, tokenizer.vocab, tokenizer.meta.json)")
     t.add_argument("--vocab-size", type=int, default=defaults["vocab_size"].default)
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     t.add_argument("--sample-documents", type=int, default=None, help="documents to sample (round-robin over shards)")

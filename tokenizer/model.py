@@ -68,6 +68,18 @@ def metadata_path_for(model_path: Path) -> Path:
     return current
 
 
+def _companion_file_note(path: Path) -> str | None:
+    """What to say when `path` is one of the files beside the model rather than the model itself."""
+    model = path.parent / MODEL_FILE if path.name in (VOCAB_FILE, METADATA_FILE) else path.with_suffix(".model")
+    if path.suffix == ".vocab":
+        what = "the vocabulary listing (one piece and its score per line, for reading)"
+    elif path.name.endswith(".meta.json"):
+        what = "the tokenizer's metadata"
+    else:
+        return None
+    return f"{path} is {what}, not the SentencePiece model: pass {model} or its directory"
+
+
 class Tokenizer:
     """A SentencePiece tokenizer with fixed special ids (unk 0, bos 1, eos 2, pad 3) and byte fallback."""
 
@@ -87,6 +99,8 @@ class Tokenizer:
         model_path = path / MODEL_FILE if path.is_dir() else path
         if not model_path.is_file():
             raise TokenizerError(f"tokenizer model {model_path} does not exist (train one with `hgrn-tokenizer train`)")
+        if not_the_model := _companion_file_note(model_path):
+            raise TokenizerError(not_the_model)
         meta_path = metadata_path_for(model_path)
         if not meta_path.is_file():
             raise TokenizerError(f"{meta_path}: metadata file missing; every tokenizer.model needs its {METADATA_FILE}")

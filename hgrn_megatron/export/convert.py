@@ -63,7 +63,9 @@ def hf_config_dict(model_cfg: dict[str, Any], vocab_size: int, special_ids: dict
         "mlp_bias": model_cfg.get("add_bias_linear", False),
         "initializer_range": model_cfg.get("init_method_std", 0.02),
         "tie_word_embeddings": model_cfg.get("share_embeddings_and_output_weights", False),
-        "max_position_embeddings": model_cfg.get("seq_length"),  # training length; the recurrence has no limit
+        # No max_position_embeddings: the recurrence has no length limit, and transformers' generate would cap and
+        # warn at it (configuration_hgrn.py); the training length is kept as information.
+        "training_seq_length": model_cfg.get("seq_length"),
         # "triton" was a training-time requirement; the exported model picks the kernel when it can.
         "scan_backend": "torch" if model_cfg.get("scan_backend") == "torch" else "auto",
         "bos_token_id": special_ids.get("bos_token_id"),

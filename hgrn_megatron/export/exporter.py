@@ -79,6 +79,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
         write_safetensors(weights, tmp, max_shard_bytes)
         (tmp / "README.md").write_text(model_card(config, contents, fmt, dtype, tokenizer_kind))
+        _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -87,6 +88,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         raise
     log(f"wrote {out} ({fmt} format, {dtype}, {sum(v.numel() for v in weights.values()):,} parameters)")
     return out
+
+
+def _default_permissions(directory: Path) -> None:
+    """Every file as a plain write would create it (0666 less the umask): safetensors writes through a private
+    temporary file (0600), which would leave the weights unreadable to the group the rest is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _tokenizer_path(contents, override: str | Path | None) -> Path:
@@ -177,17 +188,24 @@ def model_card(config: dict[str, Any], contents, fmt: str, dtype: str, tokenizer
             ("trained at", f"TP {rs.get('tp_size', 1)}, ZeRO {rs.get('zero_stage', '?')}"),
             ("exported as", f"{fmt} format, {dtype}")]
     cfg_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in config.items())
-    remote_tokenizer = ", trust_remote_code=True" if tokenizer_kind == "sentencepiece" else ""
+    # A fast tokenizer loads with the stock class; AutoTokenizer would read config.json first, whose auto_map
+    # (the model's code) makes transformers ask about remote code even for a stock tokenizer.
+    load_tokenizer = ("AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)" if tokenizer_kind == "sentencepiece"
+                      else "PreTrainedTokenizerFast.from_pretrained(PATH)")
+    tokenizer_class = "AutoTokenizer" if tokenizer_kind == "sentencepiece" else "PreTrainedTokenizerFast"
     if fmt == "native":
-        usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                 f"tok = AutoTokenizer.from_pretrained(PATH{remote_tokenizer})\n"
+        usage = (f"```python\nfrom transformers import AutoModelForCausalLM, {tokenizer_class}\n"
+                 f"tok = {load_tokenizer}\n"
                  "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n"
                  "ids = tok(\"Once upon a time\", return_tensors=\"pt\").input_ids\n"
                  "print(tok.decode(model.generate(ids, max_new_tokens=32)[0], skip_special_tokens=True))\n```\n")
     else:
-        usage = ("```python\nimport fla  # registers fla's HGRN with transformers\n"
-                 "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                 "model = AutoModelForCausalLM.from_pretrained(PATH)\n```\n")
+        usage = ("fla's HGRN runs its fused Triton kernels, so it needs a CUDA GPU (on CPU only with the fused "
+                 "ops replaced, as hgrn-megatron's tests do).\n\n"
+                 "```python\nimport fla  # registers fla's HGRN with transformers\n"
+                 f"from transformers import AutoModelForCausalLM, {tokenizer_class}\n"
+                 f"tok = {load_tokenizer}\n"
+                 "model = AutoModelForCausalLM.from_pretrained(PATH).cuda()\n```\n")
     return (
         "# HGRN language model\n\n"
         "A Hierarchically Gated Recurrent Network (Qin et al., NeurIPS 2023) language model trained with "

@@ -76,7 +76,8 @@ def fla_config_dict(hf_config: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": hf_config["norm_epsilon"],
         "tie_word_embeddings": hf_config["tie_word_embeddings"],
         "initializer_range": hf_config["initializer_range"],
-        "max_position_embeddings": hf_config.get("max_position_embeddings") or 2048,
+        # fla's HGRN is recurrent too: no length limit for generate to cap at and warn about (None)
+        "max_position_embeddings": None,
         "bos_token_id": hf_config["bos_token_id"],
         "eos_token_id": hf_config["eos_token_id"],
         "pad_token_id": hf_config["pad_token_id"],

@@ -42,6 +42,11 @@ class HGRNConfig(_BaseConfig):
         mlp_bias: the MLP's linear projections have biases.
         initializer_range: std of the normal initialisation of projections and embeddings (fresh models only).
         scan_backend: "auto" (the project's Triton kernels on CUDA when importable, else the torch scan) or "torch".
+        training_seq_length: the sequence length the model was trained at (information: longer inputs run, their
+            quality is whatever the model learned to carry in its state).
+        max_position_embeddings: None. The model has no position embeddings and a constant-size recurrent state,
+            so no length limits it; transformers' `generate` caps `max_length` at this value and warns once a
+            sequence reaches it, which for a recurrent model would only be a false alarm.
     """
 
     model_type = "hgrn_megatron"
@@ -72,6 +77,8 @@ class HGRNConfig(_BaseConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        training_seq_length: int | None = None,
+        max_position_embeddings: int | None = None,
         **kwargs,
     ):
         if variant not in VARIANTS:
@@ -108,6 +115,8 @@ class HGRNConfig(_BaseConfig):
         self.mlp_bias = mlp_bias
         self.initializer_range = initializer_range
         self.scan_backend = scan_backend
+        self.training_seq_length = training_seq_length
+        self.max_position_embeddings = max_position_embeddings
         self.use_cache = use_cache
         super().__init__(
             bos_token_id=bos_token_id,
