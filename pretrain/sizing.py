@@ -120,15 +120,18 @@ class Memory:
         return sum(self.states.values()) + self.activations + CUDA_OVERHEAD_BYTES
 
 
-def configured_chunk(cfg) -> int | None:
-    return getattr(cfg.model, "loss_chunk_tokens", None)  # the model config's field, where it exists
+def configured_chunk(cfg, tokens: float) -> int | None:
+    """The chunk the model uses for a micro-batch of `tokens` tokens: `model.loss_chunk_tokens` when the micro-batch
+    holds more tokens than that (HGRNModel's rule), else None (megatron's full logits)."""
+    chunk = cfg.model.loss_chunk_tokens
+    return chunk if chunk and tokens > chunk else None
 
 
 def memory(cfg, params: int, vocab: int, lay: Layout, seq_length: int | None = None,
            micro_batch: int | None = None, chunk: int | str | None = "config") -> Memory:
     seq = seq_length or cfg.model.seq_length
     tokens = (micro_batch or cfg.train.micro_batch_size) * seq / lay.cp
-    chunk = configured_chunk(cfg) if chunk == "config" else chunk
+    chunk = configured_chunk(cfg, tokens) if chunk == "config" else chunk
     d = cfg.model.hidden_size
     return Memory(
         states=state_bytes(cfg, params, lay),
@@ -212,7 +215,7 @@ def report(cfg, world: int, params: int, vocab: int, flops_per_token: float, mac
     lay = layout(cfg, world)
     mem = memory(cfg, params, vocab, lay)
     states = ", ".join(f"{name} {_gib(b)}" for name, b in mem.states.items())
-    chunk = configured_chunk(cfg)
+    chunk = configured_chunk(cfg, cfg.train.micro_batch_size * cfg.model.seq_length / lay.cp)
     if chunk:
         loss_note = f"chunked loss ({chunk} tokens): {_gib(mem.logits)}; full fp32 logits would take "
     else:
