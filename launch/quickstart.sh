@@ -38,6 +38,7 @@ prompt = "And God said,"
 ids = tok(prompt, return_tensors="pt").input_ids
 torch.manual_seed(0)
 out = model.generate(ids, max_new_tokens=60, do_sample=True, top_k=40, temperature=0.8)
-print("[quickstart] sample:", tok.decode(out[0], skip_special_tokens=True))
+# On one line: a briefly trained model samples many line breaks.
+print("[quickstart] sample:", " ".join(tok.decode(out[0], skip_special_tokens=True).split()))
 PY
 echo "[quickstart] done: metrics in $RUN_DIR/metrics.jsonl, tensorboard --logdir $RUN_DIR/tensorboard"
