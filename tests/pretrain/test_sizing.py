@@ -58,6 +58,9 @@ def test_hgrn_7b_at_512_gpus_shards_over_tp_and_warns_about_lanes(capsys):
     # 2048 tokens x 32 layers x 183.5 KiB per token per layer (docs/LAUNCH.md: hgrn-7b at TP 2)
     assert _gib(out, "layers") == pytest.approx(2048 * 32 * 183.5 * KiB / GiB, abs=0.006)
     assert "64 nodes of 8 GPUs" in out
+    assert "WARNING: data.lanes" not in out  # the shipped 1,024 lanes serve DP 256
+    # Lanes are fixed for a run: too few for the data-parallel size is warned about (and a fix suggested).
+    out = _plan(capsys, "hgrn-7b.yaml", 512, "data.lanes=128")
     assert "WARNING: data.lanes (128) is not a multiple of DP 256" in out and "e.g. 256" in out
 
 
