@@ -1,7 +1,9 @@
 """Validation samples: fixed, from separate shards, identical at any data-parallel size, labelled by source.
 
-The validation shards are read in sorted order, documents tokenized with EOS appended and packed exactly like
-training samples (S + 1 tokens, stride S), up to `data.valid_samples` complete samples. Every token carries
+The validation shards are read round-robin, one document from each shard in turn (shards in sorted order), so
+that a validation set split by source or by shard samples all of them rather than the first shard's first
+documents; documents are tokenized with EOS appended and packed exactly like training samples (S + 1 tokens,
+stride S), up to `data.valid_samples` complete samples. Every token carries
 the index of its document's source in `source_names`, so the loss can be reported overall and per source.
 Rank r takes samples r, r + DP, ...; the last micro-batch of a rank may hold fewer rows.
 
@@ -48,21 +50,30 @@ def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, coun
             total += len(ids)
 
     # Encode in growing batches (1, 2, 4, ... documents) so that little is encoded past what is needed.
-    size = 1
-    for path, name in zip(paths, names):
-        batch = []
-        for _, doc in iter_documents(path, parser, shard_name=name, counters=counters, warner=warner):
-            batch.append(doc)
-            if len(batch) == size:
-                flush(batch)
-                batch, size = [], min(2 * size, ENCODE_BATCH_DOCS)
-                if total >= tokens_needed:
-                    break
-        if batch:
+    size, batch = 1, []
+    for doc in _round_robin([iter_documents(path, parser, shard_name=name, counters=counters, warner=warner)
+                             for path, name in zip(paths, names)]):
+        batch.append(doc)
+        if len(batch) == size:
             flush(batch)
-        if total >= tokens_needed:
-            break
+            batch, size = [], min(2 * size, ENCODE_BATCH_DOCS)
+            if total >= tokens_needed:
+                break
+    if batch and total < tokens_needed:
+        flush(batch)
     return tokens, sources
+
+
+def _round_robin(readers):
+    """Documents from each reader in turn (a reader that runs out drops out), deterministically."""
+    readers = list(readers)
+    while readers:
+        for reader in list(readers):
+            item = next(reader, None)
+            if item is None:
+                readers.remove(reader)
+            else:
+                yield item[1]
 
 
 def _cache_key(cfg: DataConfig, tokenizer, seq_length: int) -> str:
@@ -70,8 +81,9 @@ def _cache_key(cfg: DataConfig, tokenizer, seq_length: int) -> str:
     for path in cfg.resolve_valid():
         st = os.stat(path)
         shards.append([str(path), st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"shards": shards, "tokenizer": tokenizer.sha256, "seq_length": seq_length,
-                       "samples": cfg.valid_samples, "format": dataclasses.asdict(cfg.record_format())},
+    blob = json.dumps({"order": "round-robin", "shards": shards, "tokenizer": tokenizer.sha256,
+                       "seq_length": seq_length, "samples": cfg.valid_samples,
+                       "format": dataclasses.asdict(cfg.record_format())},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -95,3 +95,18 @@ def test_the_validation_set_is_built_once_and_read_from_the_cache(tmp_path, toke
     build_validation_batches(cfg.model_copy(update={"valid_samples": 4}), counting, 32, 4, 0, 1,
                              cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("valid-*.npz"))) == 2 and counting.documents > built
+
+
+def test_validation_samples_every_shard_not_the_first_ones_documents(tmp_path, tokenizer):
+    """A validation set split into one shard per source: the samples hold documents of every source (one
+    document from each shard in turn), where reading the shards in order filled them from the first shard."""
+    from tests.data.data_harness import record, write_zst
+
+    words = "the quick brown fox jumps over the lazy dog again and again".split()
+    for source in ("ArXiv", "Github", "Wikipedia"):
+        lines = [record(" ".join(words[(i + j) % len(words)] for j in range(40)), source) for i in range(50)]
+        write_zst(tmp_path / f"{source}.jsonl.zst", lines)
+    cfg = data_config(str(tmp_path / "*.jsonl.zst"), valid_shards=[str(tmp_path)], valid_samples=4)
+    out = build_validation_batches(cfg, tokenizer, S, 4)
+    used = set(torch.cat([b["source_ids"] for b in out["batches"]]).unique().tolist())
+    assert out["source_names"] == ["ArXiv", "Github", "Wikipedia"] and used == {0, 1, 2}
