@@ -3,7 +3,9 @@ clipping come from the generated DeepSpeed JSON; TP comes from megatron's parall
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 
 from hgrn_megatron.fp32_params import fp32_parameters, set_master
@@ -149,3 +151,33 @@ def set_fp32_master(engine, param: torch.nn.Parameter, value: torch.Tensor) -> N
 def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def seed_rank_rngs(seed: int, rank: int, step: int) -> None:
+    """Seed python, numpy and torch for `rank` at `step` (a fresh run, or a resume whose RNG states cannot be
+    restored because the layout changed)."""
+    s = seed + 1000003 * rank + step
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def grad_norm(engine) -> float:
+    """Global L2 norm of the (already data-parallel-reduced) gradients, counting TP-replicated ones once."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu)) if params else 0.0
+
+
+def step_without_update(engine) -> None:
+    """engine.step() (micro-step counters, zeroed gradients) without touching parameters or AdamW state."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()  # finite, so DeepSpeed's clipping pass computes a norm of 0
+    optimizer = engine.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the bound method once
+    try:
+        engine.step()
+    finally:
+        del optimizer.step

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,48 @@ def console_line(r: dict[str, Any]) -> str:
         f"mem {r['memory_gib']:.2f} GiB | data wait {r['data_wait_pct']:.1f}% | "
         f"skipped {r['skipped_steps']} | ETA {format_duration(r['eta_s'])}"
     )
+
+
+def data_metrics(loader, dp_group) -> dict:
+    """Documents read and bad records skipped (by kind) over all data-parallel ranks, each lane counted once."""
+    import torch.distributed as dist
+
+    from .data import SKIP_KINDS
+    from .distributed import comm_device
+
+    stats = loader.stats()
+    per_lane = torch.from_numpy(loader.lane_counts(SKIP_KINDS)).to(comm_device())
+    dist.all_reduce(per_lane, op=dist.ReduceOp.MAX, group=dp_group)
+    t = per_lane.sum(dim=0).cpu()
+    out = {"data_documents": int(t[0]), "data_skipped_records": int(t[1:].sum())}
+    out.update({f"data_skipped/{k}": int(v) for k, v in zip(SKIP_KINDS, t[1:].tolist()) if v})
+    # What the pipeline read to get there (bytes from disk, decompressed, lines, documents), summed over replicas.
+    io = torch.tensor([float(stats.get(k, 0)) for k in DATA_IO_KEYS], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(io, group=dp_group)
+    out.update({f"data_{k}": int(v) for k, v in zip(DATA_IO_KEYS, io.cpu().tolist())})
+    out["data_loader_tokens_per_s"] = stats.get("loader_tokens_per_s")
+    return out
+
+
+DATA_IO_KEYS = ("read_bytes", "decompressed_bytes", "lines_scanned", "documents_tokenized", "seek_decompressed_bytes")
+
+
+class StartupTimeline:
+    """Seconds per phase of the set-up, from the process start (the imports before the trainer included)."""
+
+    def __init__(self):
+        import psutil
+
+        now = time.time()
+        self.phases = [("imports", now - psutil.Process().create_time())]
+        self._last = now
+
+    def mark(self, phase: str) -> None:
+        """End `phase` now (repeated phases add up)."""
+        now = time.time()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+
+    def summary(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        return " | ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases) + f" | total {total:.1f} s"

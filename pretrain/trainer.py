@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,10 +32,17 @@ from .distributed import (
     launch_env,
     set_collective_timeout,
 )
-from .engine import build_engine, learning_rate, set_learning_rate
+from .engine import (
+    build_engine,
+    grad_norm,
+    learning_rate,
+    seed_rank_rngs,
+    set_learning_rate,
+    step_without_update,
+)
 from .evaluation import evaluate
 from .fault_injection import FaultInjection
-from .metrics import MetricsWriter, console_line, device_peak_flops, memory_gib
+from .metrics import MetricsWriter, StartupTimeline, console_line, data_metrics, device_peak_flops, memory_gib
 from .preemption import StopRequest
 from .run_lock import lock_run_dir
 from .train_state import RunLayout, TrainState, run_state_dict, saved_layout
@@ -72,76 +77,6 @@ def train(cfg: RunConfig, resume: str = "auto") -> TrainResult:
         watchdog.stop()  # on every path: an in-process caller must not be ended by a later trip
 
 
-def _seed_rank_rngs(seed: int, rank: int, step: int) -> None:
-    s = seed + 1000003 * rank + step
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-def _grad_norm(engine) -> float:
-    """Global L2 norm of the (already data-parallel-reduced) gradients, counting TP-replicated ones once."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu)) if params else 0.0
-
-
-def _step_without_update(engine) -> None:
-    """engine.step() (micro-step counters, zeroed gradients) without touching parameters or AdamW state."""
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            p.grad.zero_()  # finite, so DeepSpeed's clipping pass computes a norm of 0
-    optimizer = engine.optimizer
-    optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the bound method once
-    try:
-        engine.step()
-    finally:
-        del optimizer.step
-
-
-def _data_totals(loader, dp_group) -> dict:
-    """Documents read and bad records skipped (by kind) over all data-parallel ranks, each lane counted once."""
-    from .data import SKIP_KINDS
-
-    stats = loader.stats()
-    per_lane = torch.from_numpy(loader.lane_counts(SKIP_KINDS)).to(comm_device())
-    dist.all_reduce(per_lane, op=dist.ReduceOp.MAX, group=dp_group)
-    t = per_lane.sum(dim=0).cpu()
-    out = {"data_documents": int(t[0]), "data_skipped_records": int(t[1:].sum())}
-    out.update({f"data_skipped/{k}": int(v) for k, v in zip(SKIP_KINDS, t[1:].tolist()) if v})
-    # What the pipeline read to get there (bytes from disk, decompressed, lines, documents), summed over replicas.
-    io = torch.tensor([float(stats.get(k, 0)) for k in DATA_IO_KEYS], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(io, group=dp_group)
-    out.update({f"data_{k}": int(v) for k, v in zip(DATA_IO_KEYS, io.cpu().tolist())})
-    out["data_loader_tokens_per_s"] = stats.get("loader_tokens_per_s")
-    return out
-
-
-DATA_IO_KEYS = ("read_bytes", "decompressed_bytes", "lines_scanned", "documents_tokenized", "seek_decompressed_bytes")
-
-
-class StartupTimeline:
-    """Seconds per phase of the set-up, from the process start (the imports before the trainer included)."""
-
-    def __init__(self):
-        import psutil
-
-        now = time.time()
-        self.phases = [("imports", now - psutil.Process().create_time())]
-        self._last = now
-
-    def mark(self, phase: str) -> None:
-        """End `phase` now (repeated phases add up)."""
-        now = time.time()
-        self.phases.append((phase, now - self._last))
-        self._last = now
-
-    def summary(self) -> str:
-        total = sum(seconds for _, seconds in self.phases)
-        return " | ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases) + f" | total {total:.1f} s"
-
-
 class Trainer:
     """One training run on this rank. Construction and `train()` are collective over all ranks."""
 
@@ -172,7 +107,7 @@ class Trainer:
             self.state = TrainState.from_run_state(saved)
             data_state = ckpt_io.load_data_state(ckpt_dir)
             if universal:
-                _seed_rank_rngs(cfg.train.seed, self.rank, self.state.step)
+                seed_rank_rngs(cfg.train.seed, self.rank, self.state.step)
             log.info("resumed from %s at step %d (%s)", ckpt_dir, self.state.step,
                      "universal: new DP/TP size" if universal else "exact")
         self.startup.mark("data state" if ckpt_dir else "model build")
@@ -239,7 +174,7 @@ class Trainer:
                      " and optimizer state" if self.cfg.checkpoint.init_optimizer else "", parent, saved["step"])
         else:
             self.engine = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size)
-        _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
+        seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
         self._set_aside_after(0)
         return None, None, False
 
@@ -257,7 +192,7 @@ class Trainer:
                 if built_for != universal:  # every weight comes from the checkpoint: no random initialisation
                     self.engine, built_for = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size,
                                                           load_universal=universal, initialize=False), universal
-                _seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
+                seed_rank_rngs(self.cfg.train.seed, self.rank, 0)
                 self.startup.mark("model build")
                 optimizer = not new_phase or self.cfg.checkpoint.init_optimizer
                 problem = self._agreed_problem(lambda d=ckpt_dir, u=universal: ckpt_io.load_checkpoint(
@@ -416,10 +351,10 @@ class Trainer:
             if micro == self.grad_accum - 1 and self.zero0:
                 # ZeRO >= 1 and bf16 measure the gradient norm and skip non-finite updates inside DeepSpeed;
                 # plain fp32 data parallelism does neither, so the trainer does both here.
-                self._zero0_grad_norm = _grad_norm(engine)
+                self._zero0_grad_norm = grad_norm(engine)
                 finite = math.isfinite(self._zero0_grad_norm) and torch.isfinite(torch.stack(losses)).all()
                 if all_reduce_flag(not finite):
-                    _step_without_update(engine)
+                    step_without_update(engine)
                     continue
             engine.step()
         self._finish_step(losses)
@@ -462,7 +397,7 @@ class Trainer:
             "skipped_steps": state.skipped_steps, "skipped_in_interval": skipped,
             "step_time_s": elapsed / steps, "eta_s": (cfg.train.steps - state.step) * elapsed / steps,
             "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-            **_data_totals(self.loader, self.dp_group),
+            **data_metrics(self.loader, self.dp_group),
         }
         if self.rank == 0:
             log.info(console_line(record))
