@@ -22,7 +22,7 @@ from ..context_parallel import sequence_piece
 from . import EXIT_OK, EXIT_REQUEUE
 from . import checkpoint as ckpt_io
 from .config import RunConfig, dump_config
-from .data import model_inputs
+from .data import check_data_state, model_inputs
 from .distributed import (
     all_reduce_flag,
     all_reduce_max,
@@ -189,6 +189,9 @@ class Trainer:
             saved = None if problem else ckpt_io.read_run_state(ckpt_dir)
             if saved is not None:
                 universal = self._check_resumable(ckpt_dir, saved, new_phase)
+                if not new_phase:  # a data set-up that cannot continue is refused before anything is converted
+                    check_data_state(self.cfg.data, self.tokenizer, self.cfg.model.seq_length,
+                                     ckpt_io.load_data_state(ckpt_dir))
                 if built_for != universal:  # every weight comes from the checkpoint: no random initialisation
                     self.engine, built_for = build_engine(self.cfg, self.layout.padded_vocab_size, self.dp_size,
                                                           load_universal=universal, initialize=False), universal

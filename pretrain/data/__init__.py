@@ -16,7 +16,7 @@ from hgrn_megatron.corpus.shards import DataError, resolve_shards
 
 from .batch import ModelInputs, label_sources, model_inputs
 from .config import DataConfig, ShardGroupConfig
-from .loader import TrainLoader
+from .loader import TrainLoader, check_data_state
 from .state import merge_data_states
 from .validation import build_validation_batches
 
@@ -30,6 +30,7 @@ __all__ = [
     "ShardGroupConfig",
     "TrainLoader",
     "build_validation_batches",
+    "check_data_state",
     "label_sources",
     "merge_data_states",
     "model_inputs",

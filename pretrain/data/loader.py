@@ -70,6 +70,13 @@ class WorkerError(NamedTuple):
     traceback: str
 
 
+def check_data_state(cfg: DataConfig, tokenizer, seq_length: int, state: dict) -> None:
+    """Raise DataError, naming what differs, unless the saved `state` continues this data set-up (the check a
+    `TrainLoader` makes, without building one: a resume asks before it loads or converts anything)."""
+    current = fingerprint(build_packing_spec(cfg, seq_length), tokenizer.sha256)
+    check_fingerprint(as_global_state(state)["fingerprint"], current)
+
+
 def build_packing_spec(cfg: DataConfig, seq_length: int) -> PackingSpec:
     paths, names, weights = cfg.resolve_train()
     return PackingSpec(

@@ -143,3 +143,18 @@ def test_a_disk_that_fills_during_a_save(small_disk, tmp_path, straight):
     assert run(tree) == (0, 6)
     assert read_losses(tree["run_dir"]) == straight
     shutil.rmtree(small_disk / "run")
+
+
+def test_a_refused_resume_at_another_size_converts_nothing_and_keeps_the_config(tmp_path):
+    """Another data set-up (here the seed) at another DP size: refused, naming the difference, before the
+    checkpoint is converted to the universal format or RUN_DIR/config.yaml is rewritten."""
+    tree = tiny_run_tree(tmp_path / "run", train={"steps": 2})
+    assert run(tree, world_size=2) == (0, 2)
+    config_before = (Path(tree["run_dir"]) / "config.yaml").read_text()
+    tree["data"]["seed"] = 99
+    tree["train"]["steps"] = 3
+    with pytest.raises(DistributedTestError, match=r"seed: saved 1234, now 99"):
+        run(tree, world_size=1)
+    step = Path(tree["run_dir"]) / "checkpoints" / "step-00000002"
+    assert not (step / "ds_universal").exists() and not list(step.glob("ds_universal*"))
+    assert (Path(tree["run_dir"]) / "config.yaml").read_text() == config_before
