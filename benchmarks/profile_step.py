@@ -14,14 +14,16 @@ from __future__ import annotations
 import collections
 import re
 import time
+from pathlib import Path
 
 # Operators that are the model's dense arithmetic (matmuls and fused attention kernels).
 MATMUL_OPS = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_dot_product\w*|_flash_attention\w*|"
                         r"_efficient_attention\w*)$")
 # Frames worth naming, innermost first; everything else (torch internals, module __call__) is skipped.
-INTERESTING = re.compile(r"(/work/[^/]+/|hgrn_megatron|/kernels/|/pretrain/|/benchmarks/|megatron/core/|deepspeed/|"
+_REPO = re.escape(str(Path(__file__).resolve().parents[1]) + "/")  # this checkout, wherever it lives
+INTERESTING = re.compile(rf"({_REPO}|hgrn_megatron|/kernels/|/pretrain/|/benchmarks/|megatron/core/|deepspeed/|"
                          r"torch/optim/|torch/nn/functional\.py)")
-SHORTEN = re.compile(r"^.*?(site-packages/|/work/[^/]+/)")
+SHORTEN = re.compile(rf"^.*?(site-packages/|{_REPO})")
 ENGINE_BACKWARD = re.compile(r"deepspeed/runtime/engine\.py\(\d+\): backward$")
 
 
