@@ -444,11 +444,23 @@ class Trainer:
 
     def save(self) -> None:
         """Collective: a checkpoint of this step (model, optimizer, RNG, data position, `TrainState`)."""
+        from hgrn_megatron.corpus.shards import DataError
+
         from .data import merge_data_states
 
-        states = [None] * self.world
-        dist.all_gather_object(states, (self.tp_rank + self.cp_rank, self.loader.state_dict()))
-        data_global = merge_data_states([s for first, s in states if first == 0])  # one copy per DP replica
+        # Only rank 0 writes the data state: the ranks' states go to it alone (an all-gather would hand every rank
+        # every rank's state, a cost per rank that grows with the job), and its verdict comes back.
+        states = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((self.tp_rank + self.cp_rank, self.loader.state_dict()), states, dst=0)
+        data_global, problem = None, [None]
+        if self.rank == 0:
+            try:
+                data_global = merge_data_states([s for first, s in states if first == 0])  # one per DP replica
+            except DataError as err:
+                problem = [str(err)]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise DataError(problem[0])
         self.checkpointer.save(self.state.step, run_state_dict(self.state, self.layout), data_global,
                                dump_config(self.cfg))
         self.saved_at, self._saved_time = self.state.step, time.monotonic()
