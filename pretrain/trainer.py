@@ -223,14 +223,18 @@ class Trainer:
         return out[0][1]
 
     def _agreed_problem(self, fn) -> str | None:
-        """Run fn() on every rank (it returns a problem or None, or raises); the first rank's problem, or None."""
+        """Run fn() on every rank (it returns a problem or None, or raises); None when it succeeded everywhere,
+        else this rank's problem (or that another rank had one: that rank's log names it). One flag is reduced,
+        not every rank's message gathered, so the cost per rank does not grow with the job."""
         try:
             problem = fn()
         except Exception as err:  # noqa: BLE001 - a file that does not load: its reason, and try an older one
             problem = f"{type(err).__name__}: {str(err)[:300]}"
-        problems = [None] * self.world
-        dist.all_gather_object(problems, problem)
-        return next((f"rank {r}: {p}" if self.world > 1 else p for r, p in enumerate(problems) if p), None)
+        if problem is not None:
+            log.warning("rank %d: %s", self.rank, problem)
+        if not all_reduce_flag(problem is not None):
+            return None
+        return problem or "failed on another rank (its log line names the reason)"
 
     def _set_aside_after(self, step: int) -> None:
         """Rank 0: checkpoints after the resumed step belong to an abandoned run; so do unfinished saves."""
