@@ -26,7 +26,7 @@ from hgrn_megatron.corpus.records import UNKNOWN_SOURCE, BadRecord, RecordFormat
 from hgrn_megatron.corpus.shards import DataError, OversizedLine, StreamFault
 
 from .mixture import Mixture
-from .stream import LaneStream, Position, UnitTable
+from .stream import LaneShare, LaneStream, Position, UnitTable
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class Lane:
         self.offset = int(state["offset"])
         self.doc_pass = int(state.get("doc_pass", 0))
         self.restoring = self.doc is not None
-        self.doc_unit = self.doc.ordinal if self.doc is not None else self.index  # the unit of its last document
+        share = LaneShare.of(self.index, group.spec.lanes, len(group.spec.units))
+        self.unit_stride = share.stride
+        self.doc_unit = self.doc.ordinal if self.doc is not None else share.first  # the unit of its last document
         self.chunks: deque[list] = deque()  # [tokens int32 array, read offset, document position]
         self.available = 0
         self.delta = DataCounters()
@@ -125,10 +127,10 @@ class Lane:
                 return
             # Counted in epochs: when the heaviest source is not in the heaviest shard group, the last passes of
             # each epoch (ceil(max group weight x max source weight) of them) include no record at all. A lane
-            # reads about U / L units per pass (one unit every L / U passes when units are fewer than lanes).
+            # reads about U / L units per pass (one, shared with other lanes, when units are fewer than lanes).
             passes = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
-            units_limit = passes * max(1, -(-len(spec.units) // spec.lanes))
-            if (pos.ordinal - self.doc_unit) // spec.lanes >= units_limit:
+            units_limit = passes * -(-len(spec.units) // self.unit_stride)
+            if (pos.ordinal - self.doc_unit) // self.unit_stride >= units_limit:
                 raise DataError(
                     f"packing lane {self.index} found no usable document in {passes} passes' worth of its units "
                     f"over {len(spec.paths)} shards (too few good records for {spec.lanes} lanes, or mixture "
@@ -235,9 +237,10 @@ class LaneGroup:
         self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
         units = spec.units
         if len(units) < spec.lanes and self.lanes and min(self.lanes) == 0:
-            log.warning("%d units of data (frames of indexed shards, whole shards otherwise) for %d lanes: each lane "
-                        "reads a unit only about every %.1f passes; reshard with `hgrn-data reshard` for more units",
-                        len(units), spec.lanes, spec.lanes / max(len(units), 1))
+            log.warning("%d units of data (frames of indexed shards, whole shards otherwise) for %d lanes: about %.0f "
+                        "lanes share each unit, each decompressing all of it to take its share of the records; "
+                        "reshard with `hgrn-data reshard` for more units", len(units), spec.lanes,
+                        spec.lanes / max(len(units), 1))
         empty: set = set()
         self.streams = {}
         for index, lane in self.lanes.items():

@@ -33,6 +33,10 @@ OLD_STATE_FORMATS = {"hgrn-data-state/1": "dealt records to lanes one by one; la
 FINGERPRINT_DEFAULTS: dict[str, object] = {
     "max_document_bytes": DEFAULT_FORMAT.max_document_bytes,
     "frame_layout": None,  # frames per shard when some shard has a frame index
+    # Fewer units than lanes: lanes deal each unit's records among themselves. Earlier versions gave such lanes
+    # whole units of later passes (the same shard heads read by many lanes at once), so their states mean
+    # other samples and cannot continue.
+    "lanes_share_units": False,
 }
 _MISSING = object()
 
@@ -49,6 +53,7 @@ def fingerprint(spec: PackingSpec, tokenizer_sha256: str) -> dict:
         **dataclasses.asdict(spec.record_format),  # text_field, source_field, max_document_bytes
         "tokenizer_sha256": tokenizer_sha256,
         **({"frame_layout": layout} if (layout := spec.units.layout()) is not None else {}),
+        **({"lanes_share_units": True} if len(spec.units) < spec.lanes else {}),
     }
 
 

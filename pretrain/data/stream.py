@@ -6,6 +6,11 @@ over all passes the units form one endless sequence, and unit ordinal k (pass k 
 packing lane `k mod L`. A lane reads only its own units, lines in file order, so a worker decompresses only what
 its lanes use, and a lane's position (unit ordinal, line) lets a reader start by seeking to that unit: with
 frames, a resume decompresses at most one frame before its first record.
+
+With fewer units than lanes (U < L, e.g. a few unindexed shards) lanes share units instead (`LaneShare`): unit
+ordinal k belongs to the lanes l with l mod U = k mod U, and the S of them deal its records, record i of the
+unit going to the one of rank i mod S. Every record still reaches exactly one lane per pass; each sharing lane
+decompresses the whole unit, so `hgrn-data reshard` (more units) is what makes such a corpus cheap to read.
 """
 from __future__ import annotations
 
@@ -104,6 +109,28 @@ class UnitTable:
         return p, slot, self.units[self.order(p)[slot]]
 
 
+@dataclass(frozen=True, slots=True)
+class LaneShare:
+    """Which units a lane reads and which of their records it takes: ordinals first, first + stride, ...; of
+    each, the records whose index in the unit is `rank` mod `share` (share 1: all of them)."""
+
+    first: int
+    stride: int
+    share: int
+    rank: int
+
+    @classmethod
+    def of(cls, lane: int, lanes: int, units: int) -> LaneShare:
+        stride = max(1, min(lanes, units))
+        first, rank = lane % stride, lane // stride
+        return cls(first, stride, len(range(first, lanes, stride)), rank)
+
+
+# A lane that shares units and finds none of its records in this many passes over its units is starved: the
+# units hold fewer records than the lanes dealing them.
+STARVED_PASSES = 4
+
+
 class LaneStream:
     """The records of one lane's units from `start` on; `next()` returns (position, raw line or StreamFault,
     shard index). `on_read`/`on_decompressed` count bytes read from disk and bytes of text produced."""
@@ -116,8 +143,10 @@ class LaneStream:
         self.max_line_bytes = max_line_bytes
         self.on_read, self.on_decompressed, self.on_seek = on_read, on_decompressed, on_seek
         self.empty_units = empty_units if empty_units is not None else set()
-        self._ordinal = start.ordinal if start is not None else lane
+        self.lane, self.share = lane, LaneShare.of(lane, lanes, len(table))
+        self._ordinal = start.ordinal if start is not None else self.share.first
         self._start_line = start.line if start is not None else None
+        self._units_without_record = 0
         self._decompressed = 0
         self._lines: Iterator | None = None  # opened at the first record: a lane costs nothing until it is read
 
@@ -158,18 +187,24 @@ class LaneStream:
     def next(self) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
         if self._lines is None:
             self._open(skip_to=self._start_line)
+        share = self.share
         while True:
             item = next(self._lines, None)
-            if item is not None:
+            if item is None:
+                self._end_of_unit()
+                self._ordinal += share.stride
+                self._open()
+                continue
+            if isinstance(item, StreamFault):
+                self._faulted = True  # the unit ends here; the lane it is dealt to counts it
+            if share.share == 1 or (self._line - self._unit.first_line) % share.share == share.rank:
                 break
-            self._end_of_unit()
-            self._ordinal += self.lanes
-            self._open()
-        if isinstance(item, StreamFault):
-            self._faulted = True
+            self._line += 1  # another lane's record
+            self._records += 1
         pos = Position(self._ordinal, self._pass, self._slot, self._line)
         self._line += 1
         self._records += 1
+        self._units_without_record = 0
         return pos, item, self._unit.shard
 
     def _end_of_unit(self) -> None:
@@ -177,6 +212,14 @@ class LaneStream:
         if unit.lines is not None and not self._faulted and self._records != unit.lines:
             raise DataError(f"{self.table.paths[unit.shard]}: frame {unit.frame} holds {self._records} lines, its "
                             f"index says {unit.lines}; the shard changed since it was indexed")
+        self._units_without_record += 1
+        share = self.share
+        if share.share > 1 and self._units_without_record > STARVED_PASSES * -(-len(self.table) // share.stride):
+            raise DataError(
+                f"packing lane {self.lane} shares its units with {share.share - 1} other lanes and found none of "
+                f"its records in {STARVED_PASSES} passes over {len(self.table)} units: they hold fewer records "
+                f"than the lanes dealing them; use fewer data.lanes or reshard with `hgrn-data reshard`"
+            )
         if self._records == 0:
             self.empty_units.add((unit.shard, unit.frame))
             if len(self.empty_units) >= len(self.table):

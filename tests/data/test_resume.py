@@ -170,7 +170,9 @@ def test_a_state_saved_before_a_fingerprint_key_existed_resumes(uninterrupted, t
     _, _, merged, _ = run_ranks(cfg, tokenizer, S, MB, 1, 4)
     assert set(merged["fingerprint"]) - FIRST_FINGERPRINT_KEYS <= set(FINGERPRINT_DEFAULTS)
     older = through_storage(merged)
-    for key in set(merged["fingerprint"]) - FIRST_FINGERPRINT_KEYS:
+    # lanes_share_units is the one key whose absence is refused: earlier versions read shared units otherwise
+    assert merged["fingerprint"]["lanes_share_units"] is True  # this fixture has fewer shards than lanes
+    for key in set(merged["fingerprint"]) - FIRST_FINGERPRINT_KEYS - {"lanes_share_units"}:
         del older["fingerprint"][key]  # as an earlier version saved it
     assert "max_document_bytes" not in older["fingerprint"]
     after, _, _, _ = run_ranks(cfg, tokenizer, S, MB, 2, 3, state=older)
@@ -183,6 +185,10 @@ def test_a_state_saved_before_a_fingerprint_key_existed_resumes(uninterrupted, t
         TrainLoader(changed, tokenizer, S, MB, 0, 1, state=older)
     with pytest.raises(DataError, match=r"max_document_bytes: saved 8388608, now 4096"):
         TrainLoader(changed, tokenizer, S, MB, 0, 1, state=merged)
+    before_sharing = through_storage(older)
+    del before_sharing["fingerprint"]["lanes_share_units"]
+    with pytest.raises(DataError, match=r"lanes_share_units: saved False, now True"):
+        TrainLoader(cfg, tokenizer, S, MB, 0, 1, state=before_sharing)
     unknown = {**older, "fingerprint": {**older["fingerprint"], "from_a_newer_version": 1}}
     with pytest.raises(DataError, match=r"from_a_newer_version: saved 1, now None"):
         TrainLoader(cfg, tokenizer, S, MB, 0, 1, state=unknown)

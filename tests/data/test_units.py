@@ -107,3 +107,38 @@ def test_fewer_units_than_lanes_warns_once(corpus, tokenizer, caplog):
         with TrainLoader(data_config(corpus["glob"], lanes=8), tokenizer, S, MB, 0, 1) as loader:
             next(loader)
     assert sum("3 units of data" in r.message and "8 lanes" in r.message for r in caplog.records) == 1
+
+
+def test_lanes_sharing_fewer_units_deal_their_records_without_repeats(corpus, tokenizer):
+    """Three unindexed shards (three units) for eight lanes: the lanes sharing a unit deal its records, so
+    pass 0's records reach the lanes exactly once, and the lanes' first samples are all different (lanes used
+    to read whole units of later passes, i.e. the same shard heads, at once)."""
+    from hgrn_megatron.pretrain.data.mixture import Mixture
+    from hgrn_megatron.pretrain.data.stream import LaneStream, UnitTable
+
+    L = 8
+    paths = resolve_shards([corpus["glob"]], field="test")
+    table = UnitTable(paths, seed=5)
+    assert len(table) == 3 < L
+    seen = []
+    for lane in range(L):
+        stream = LaneStream(table, Mixture(len(paths), 5), lane, L, None, None)
+        while True:
+            pos, item, shard = stream.next()
+            if pos.pass_index > 0:
+                break
+            seen.append((shard, pos.line))
+    assert sorted(seen) == sorted((s, i) for s, docs in enumerate(corpus["docs"]) for i in range(len(docs)))
+
+    cfg = data_config(corpus["glob"], lanes=L, seed=5)
+    tokens, _, _, _ = run_ranks(cfg, tokenizer, S, L, 1, 1)
+    firsts = {row.tobytes() for row in tokens}
+    assert len(firsts) == L
+
+
+def test_a_lane_starved_by_too_small_shared_units_fails_with_the_reason(tmp_path, tokenizer):
+    root = tmp_path / "tiny"
+    corpus = write_corpus(root, shard_docs=(2, 1, 2))
+    cfg = data_config(corpus["glob"], lanes=64)
+    with pytest.raises(DataError, match=r"fewer records than the lanes dealing them"):
+        run_ranks(cfg, tokenizer, S, 64, 1, 1)
