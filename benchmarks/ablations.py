@@ -1,6 +1,7 @@
 """A reproducible ablation study of HGRN: the full model, its ablations and a parameter-matched Transformer.
 
-    python benchmarks/ablations.py --train-shards 'DATA/train-*.jsonl.zst' --valid-shards DATA/val.jsonl.zst \
+    hgrn-data reshard 'DATA/train-*.jsonl.zst' --out FRAMED --frame-mib 0.25
+    python benchmarks/ablations.py --train-shards 'FRAMED/*.jsonl.zst' --valid-shards DATA/val.jsonl.zst \
         --tokenizer tests/assets/tokenizer/tokenizer.model --tokens 2000000 --seeds 3 --out runs/ablations
 
 Every variant is trained by the framework's own trainer (`hgrn-pretrain`, one process, fp32) on the same data in
@@ -67,7 +68,7 @@ def run_tree(args, name: str, model: dict, seed: int, run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "model": model,
         "data": {"train_shards": args.train_shards, "valid_shards": args.valid_shards, "num_workers": 0,
-                 "seed": args.data_seed, "valid_samples": args.valid_samples},
+                 "seed": args.data_seed, "valid_samples": args.valid_samples, "lanes": args.lanes},
         "tokenizer": {"model": args.tokenizer},
         "train": {"steps": steps, "global_batch_size": args.batch, "micro_batch_size": args.batch,
                   "precision": "fp32", "seed": 1000 + seed, "eval_interval": max(1, steps // args.curve_points)},
@@ -144,6 +145,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--data-seed", type=int, default=1234)
+    p.add_argument("--lanes", type=int, default=64,
+                   help="packing lanes: at least --batch, and at most the shards' units (frames) so that no two "
+                        "lanes share one; reshard plain shards into frames first (`hgrn-data reshard`)")
     p.add_argument("--valid-samples", type=int, default=64)
     p.add_argument("--curve-points", type=int, default=10, help="validation passes per run")
     p.add_argument("--probe-samples", type=int, default=8, help="validation samples for the forget-gate probe")
