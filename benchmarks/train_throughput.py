@@ -27,8 +27,8 @@ Memory, two figures per configuration, measured in a child process (so they do n
   backward's temporaries and the gradients. tracemalloc cannot be used: it sees Python's allocator only,
   not torch's.
 Context-parallel rows (`--context-parallel T`): one sequence of T tokens per step through the same engine, at
-CP 1 (one rank, `--cores` torch threads) and CP 2 (two gloo ranks, each holding its contiguous half of the
-sequence, `--cores` / 2 threads each), so both use the same cores; the small model of
+CP 1 (one rank, one torch thread and `--cores` threads) and CP 2 (two gloo ranks, each holding its contiguous
+half of the sequence, `--cores` / 2 threads each), so CP 2 and the second CP 1 row use the same cores; the small model of
 `benchmarks/context_parallel.py` with document resets. Reported: tokens/s (median step), the step loss (equal
 at CP 1 and CP 2), and the saved activations per rank.
 Goals: HGRN tokens/s at 8192 >= 0.8 x at 512; HGRN >= 2 x the Transformer at 8192; HGRN
@@ -300,46 +300,59 @@ def cp_rank_steps(args, cp: int, threads: int) -> dict:
         return whole.item() / cp
 
     step()  # warm-up: allocates the optimizer state
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(args.rounds):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     loss, saved = saved_tensor_bytes(
         lambda: engine(x.input_ids, labels=x.labels, doc_start=x.doc_start).float().mean(), engine.module.parameters())
     del loss
-    return {"cp": cp, "threads": threads, "times": times, "losses": losses, "saved_bytes": saved}
+    return {"cp": cp, "threads": threads, "times": times, "cpu_times": cpu_times, "losses": losses,
+            "saved_bytes": saved}
 
 
 def measure_context_parallel(args) -> dict:
-    """CP 1 then CP 2 on the same `args.cores` cores; a row per CP size and the CP 2 / CP 1 ratios."""
+    """CP 1 (on one core and on `args.cores`) then CP 2 on the same cores; a row each and the ratios of CP 2 to
+    the faster CP 1 row."""
     from hgrn_megatron.testing.distributed import run_distributed
 
     rows = []
-    for cp in (1, 2):
-        ranks = run_distributed(cp_rank_steps, world_size=cp, args=(args, cp, max(1, args.cores // cp)),
-                                timeout=3600)
+    # CP 1 on one core as well as on all of them: on a shared host two OpenMP threads of one rank can wait on
+    # each other far longer than they gain (see --threads above)
+    layouts = list(dict.fromkeys([(1, 1), (1, args.cores), (2, max(1, args.cores // 2))]))
+    for cp, threads in layouts:
+        ranks = run_distributed(cp_rank_steps, world_size=cp, args=(args, cp, threads), timeout=3600)
         # a step ends when the slowest rank's does; every rank reports the whole sequence's loss
         times = [max(r["times"][i] for r in ranks) for i in range(args.rounds)]
         timing = spread(times)
+        # CPU-seconds of all ranks together: the work a step costs, less disturbed by other jobs than wall time
+        cpu = spread([sum(r["cpu_times"][i] for r in ranks) for i in range(args.rounds)])
         rows.append({"cp": cp, "ranks": cp, "threads_per_rank": ranks[0]["threads"], "seq_length": args.context_parallel,
                      "step_s": timing["median"], "spread": timing["spread"], "samples": times,
                      "tokens_per_s": args.context_parallel / timing["median"],
+                     "cpu_s": cpu["median"], "tokens_per_cpu_s": args.context_parallel / cpu["median"],
                      "saved_bytes_per_rank": max(r["saved_bytes"] for r in ranks), "losses": ranks[0]["losses"]})
-        print(f"CP {cp}: step {timing['median']:.1f} s, losses {ranks[0]['losses']}", flush=True)
-    one, two = rows
+        print(f"CP {cp}, {cp} x {threads} threads: step {timing['median']:.1f} s, losses {ranks[0]['losses']}",
+              flush=True)
+    one, two = max(rows[:-1], key=lambda r: r["tokens_per_s"]), rows[-1]  # CP 2 against CP 1's better layout
     return {"rows": rows, "goals": {
         "tokens/s at CP 2 / CP 1": two["tokens_per_s"] / one["tokens_per_s"],
+        "tokens per CPU-s (all ranks) at CP 2 / CP 1": two["tokens_per_cpu_s"] / one["tokens_per_cpu_s"],
         "saved bytes per rank at CP 2 / CP 1": two["saved_bytes_per_rank"] / one["saved_bytes_per_rank"],
-        "largest loss difference CP 2 - CP 1": max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))}}
+        "largest loss difference CP 2 - CP 1": max(abs(a - b) for r in rows[:-1]
+                                                   for a, b in zip(r["losses"], two["losses"]))}}
 
 
 def print_context_parallel(result: dict) -> None:
-    print("\n| CP | ranks x threads | T | step s (median) | spread | tokens/s | saved MiB / rank | losses |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("\n| CP | ranks x threads | T | step s (median) | spread | tokens/s | CPU-s / step | tokens/CPU-s | "
+          "saved MiB / rank | losses |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in result["rows"]:
         print(f"| {r['cp']} | {r['ranks']} x {r['threads_per_rank']} | {r['seq_length']:,} | {r['step_s']:.1f} | "
-              f"{100 * r['spread']:.0f}% | {r['tokens_per_s']:,.0f} | {r['saved_bytes_per_rank'] / 2**20:.1f} | "
+              f"{100 * r['spread']:.0f}% | {r['tokens_per_s']:,.0f} | {r['cpu_s']:.1f} | {r['tokens_per_cpu_s']:,.0f} | "
+              f"{r['saved_bytes_per_rank'] / 2**20:.1f} | "
               + ", ".join(f"{v:.6f}" for v in r["losses"]) + " |")
     for name, value in result["goals"].items():
         print(f"{name}: {value:.3g}")
