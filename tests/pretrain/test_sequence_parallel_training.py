@@ -49,6 +49,15 @@ def test_a_sequence_parallel_checkpoint_resumes_without_it(run_tree, tp2):
     _close(read_losses(tree["run_dir"]), tp2[0])
 
 
+@pytest.mark.slow
+def test_sequence_parallelism_inside_context_parallel_pieces_trains_as_tp2(run_tree, tp2):
+    """TP 2 x CP 2 with SP on 4 ranks: each CP piece split again over TP."""
+    tree = run_tree(**COMMON, parallel={**_parallel(1, True), "context_parallel_size": 2})
+    assert run(tree, 4) == (0, 6)
+    _close(read_losses(tree["run_dir"]), tp2[0])
+    _close(_val_losses(tree["run_dir"]), tp2[1])
+
+
 def test_sequence_not_divisible_by_tp_is_a_config_error(capsys, tmp_path, run_tree, monkeypatch):
     import yaml
 
