@@ -30,7 +30,7 @@ def tp2(tmp_path_factory):
     return read_losses(tree["run_dir"]), _val_losses(tree["run_dir"])
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_sequence_parallel_ranks_train_as_tensor_parallel_ones(run_tree, tp2, zero_stage):
     tree = run_tree(**COMMON, parallel=_parallel(zero_stage, True))
     assert run(tree, 2) == (0, 6)
