@@ -97,7 +97,7 @@ def sum_sequence_parallel_gradients(module: torch.nn.Module, tp_group) -> int:
 
 
 def _summed(grad: torch.Tensor, group) -> torch.Tensor:
-    grad = grad.contiguous().clone()  # the hook must not change a tensor autograd may still hold
+    grad = grad.clone(memory_format=torch.contiguous_format)  # never change a tensor autograd may still hold
     dist.all_reduce(grad, group=group)
     return grad
 
