@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py --threads 1 --png docs/throughput.png   # the sweep (~8 min on 2 cores)
     python benchmarks/train_throughput.py --seq-lengths 512 8192 --rounds 2 --no-memory   # a quick look
     python benchmarks/train_throughput.py --threads 1 --profile hgrn:8192  # where one step's time goes
+    python benchmarks/train_throughput.py --context-parallel 65536      # CP 2 against CP 1 on the same 2 cores
 
 On a host shared with other jobs use `--threads 1`: with more, OpenMP threads spin waiting for a descheduled
 sibling and step times swing by 2x; on a dedicated machine leave torch's default.
@@ -25,6 +26,11 @@ Memory, two figures per configuration, measured in a child process (so they do n
   or more to the OS when freed (`MALLOC_MMAP_THRESHOLD_`), so RSS follows live tensor memory; this adds the
   backward's temporaries and the gradients. tracemalloc cannot be used: it sees Python's allocator only,
   not torch's.
+Context-parallel rows (`--context-parallel T`): one sequence of T tokens per step through the same engine, at
+CP 1 (one rank, one torch thread and `--cores` threads) and CP 2 (two gloo ranks, each holding its contiguous
+half of the sequence, `--cores` / 2 threads each), so CP 2 and the second CP 1 row use the same cores; the small model of
+`benchmarks/context_parallel.py` with document resets. Reported: tokens/s (median step), the step loss (equal
+at CP 1 and CP 2), and the saved activations per rank.
 Goals: HGRN tokens/s at 8192 >= 0.8 x at 512; HGRN >= 2 x the Transformer at 8192; HGRN
 activation memory per token flat in T.
 """
@@ -290,7 +296,14 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", metavar="MIXER:T", help="profile one step of one configuration instead")
     parser.add_argument("--plot-only", metavar="JSON", help="redraw --png from a results file of this script")
     parser.add_argument("--top", type=int, default=25, help="rows of the profile tables")
+    parser.add_argument("--context-parallel", type=int, metavar="T",
+                        help="instead of the sweep: one T-token sequence per step at CP 1 and CP 2 (--rounds steps)")
+    parser.add_argument("--cores", type=int, default=2, help="with --context-parallel: torch threads in all")
     args = parser.parse_args(argv)
+    if args.context_parallel:
+        from train_throughput_cp import context_parallel_main
+
+        return context_parallel_main(args)
     if args.profile:
         if ":" not in args.profile or args.profile.split(":")[0] not in MIXERS:
             parser.error(f"--profile wants MIXER:T with MIXER in {MIXERS}, got {args.profile!r}")

@@ -206,20 +206,27 @@ class HGRU(MegatronModule):
             raise NotImplementedError("HGRU: megatron inference contexts are not supported (export to HF instead)")
         if packed_seq_params is not None:
             raise NotImplementedError("HGRU: packed_seq_params is not supported; pass doc_start to the model")
-        s, b, _ = hidden_states.shape
+        # The mixer works batch-first, the scan's layout. Without sequence parallelism one copy of the d-wide
+        # input replaces transposing the scan's (up to 2·d-wide) input, log gate and output, and their
+        # gradients. With it, `hidden_states` is this rank's share of the sequence [s / tp, b, d] and megatron's
+        # linears gather and scatter along dim 0, so they work sequence-first and their outputs are turned here.
+        # At b = 1 the two layouts are the same memory and nothing is copied.
+        sequence_first = self.config.sequence_parallel
+        x_in = hidden_states if sequence_first else hidden_states.transpose(0, 1).contiguous()
+
+        def project(linear):  # [b, s, out / tp]
+            out = linear(x_in)[0]
+            return out.transpose(0, 1).contiguous() if sequence_first else out
+
+        inputs = project(self.linear_in)  # [b, s, features/tp]
+        forget = project(self.linear_forget)  # [b, s, channels/tp]
+        b, s = inputs.shape[:2]
         reset = attention_mask
         if reset is not None and (reset.dtype != torch.bool or tuple(reset.shape) != (b, s)):
             raise ValueError(
                 f"HGRU: the reset mask must be bool [batch, seq] = [{b}, {s}], got {reset.dtype} {tuple(reset.shape)}"
             )
         dtype = hidden_states.dtype
-
-        # The mixer works batch-first, the scan's layout: one copy of the d-wide input replaces transposing the
-        # scan's (up to 2·d-wide) input, log gate and output, and their gradients. At b = 1 the two layouts
-        # are the same memory and nothing is copied.
-        x_in = hidden_states.transpose(0, 1).contiguous()  # [b, s, d]
-        inputs, _ = self.linear_in(x_in)  # [b, s, features/tp]
-        forget, _ = self.linear_forget(x_in)  # [b, s, channels/tp]
         log_lambda, one_minus_lambda = forget_gate(forget, self.lower_bound())
         x = gated_input(inputs, one_minus_lambda)  # silu(i)·(1 − λ), (re, im) of a channel share its gate
         if self.theta is not None:
@@ -237,9 +244,11 @@ class HGRU(MegatronModule):
         )
         h = h.reshape(b, s, -1)  # [b, s, features/tp], channel-major (re, im)
 
-        gate = self.linear_gate(x_in)[0] if self.linear_gate is not None else None
+        gate = project(self.linear_gate) if self.linear_gate is not None else None
         # one fused step that saves h and the gate only
         y = self.norm(h, gate, activation=self.options.gate_activation, placement=self.options.gate_placement)
+        if sequence_first:  # reduce-scattered over the sequence: this rank's share [s / tp, b, d]
+            return self.linear_out(y.to(dtype).transpose(0, 1))
         output, bias = self.linear_out(y.to(dtype))  # [b, s, d]
         # megatron's layout [s, b, d] as a view; its bias-dropout-add writes the residual sum in its own layout.
         return output.transpose(0, 1), bias

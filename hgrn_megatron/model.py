@@ -31,6 +31,8 @@ from hgrn_megatron.config import ModelConfig
 from hgrn_megatron.fp32_params import fp32_view, keep_fp32
 from hgrn_megatron.layer_specs import MEGATRON_NORM, layer_spec
 from hgrn_megatron.mixers import get_mixer
+from hgrn_megatron.sequence_parallel import install_cpu_support as install_sequence_parallel_cpu_support
+from hgrn_megatron.sequence_parallel import sequence_parallel_block_spec, sum_sequence_parallel_gradients
 
 
 def transformer_config_from(
@@ -39,12 +41,14 @@ def transformer_config_from(
     tp_size: int,
     params_dtype: torch.dtype = torch.float32,
     perform_initialization: bool = True,
+    sequence_parallel: bool = False,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for `cfg` at `tp_size` tensor-parallel ranks.
 
     Weights are always initialised on the CPU from the full (master) matrix and then split, so the initial
-    model is the same at every TP size and needs no CUDA RNG tracker. Fusions, sequence parallelism and
-    gradient-accumulation fusion are off: they need Apex/TE/CUDA kernels this stack does not require.
+    model is the same at every TP size and needs no CUDA RNG tracker. Fusions and gradient-accumulation fusion
+    are off: they need Apex/TE/CUDA kernels this stack does not require. `sequence_parallel` turns on
+    megatron's sequence parallelism (`sequence_parallel.py`); at TP = 1 it is a no-op, as in Megatron-LM.
     """
     cfg.validate_parallel(tp_size)
     return TransformerConfig(
@@ -66,7 +70,7 @@ def transformer_config_from(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=perform_initialization,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel and tp_size > 1,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -148,9 +152,13 @@ class HGRNModel(GPTModel):
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, vocab_size: int, **kwargs):
         mixer = get_mixer(model_cfg.mixer)
+        spec = layer_spec(model_cfg)
+        if config.sequence_parallel:
+            install_sequence_parallel_cpu_support()  # a no-op with CUDA
+            spec = sequence_parallel_block_spec(spec, config.num_layers)
         super().__init__(
             config=config,
-            transformer_layer_spec=layer_spec(model_cfg),
+            transformer_layer_spec=spec,
             vocab_size=vocab_size,
             max_sequence_length=model_cfg.seq_length,
             share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
@@ -172,6 +180,8 @@ class HGRNModel(GPTModel):
                 layer.self_attention.attach_lower_bounds(self.lower_bounds)
         else:
             self.lower_bounds = None
+        if config.sequence_parallel:  # the block norms' (and row-parallel biases') gradients: summed over TP
+            sum_sequence_parallel_gradients(self, self.tp_group)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input=None,
@@ -190,6 +200,10 @@ class HGRNModel(GPTModel):
         if self.mixer_spec.document_mask == "reset" and attention_mask is not None:
             raise ValueError(f"HGRNModel: the {self.model_cfg.mixer!r} mixer has no attention mask; "
                              "pass doc_start for document resets")
+        tp = self.tp_group.size()
+        if self.config.sequence_parallel and input_ids.shape[1] % tp:
+            raise ValueError(f"HGRNModel: with sequence parallelism the sequence length ({input_ids.shape[1]}) must "
+                             f"be divisible by the tensor-parallel size ({tp})")
         mask = self.mixer_mask(input_ids, doc_start) if attention_mask is None else attention_mask
         return super().forward(input_ids, position_ids, mask, decoder_input=decoder_input, labels=labels, **kwargs)
 
@@ -226,7 +240,7 @@ class HGRNModel(GPTModel):
 
 def build_model(
     cfg: ModelConfig, padded_vocab_size: int, *, params_dtype: torch.dtype = torch.float32, meta: bool = False,
-    initialize: bool = True,
+    initialize: bool = True, sequence_parallel: bool = False,
 ) -> HGRNModel:
     """Build this rank's shard of the model (megatron `parallel_state` must be initialised).
 
@@ -235,6 +249,8 @@ def build_model(
     `initialize=False` leaves megatron's random initialisation of the linear and embedding weights out (their
     values are then undefined), for a model whose every weight a checkpoint load overwrites: megatron builds
     each full weight on the CPU before splitting it, which costs a 1B model ~18 s per rank.
+    `sequence_parallel`: megatron's sequence parallelism over the TP group (a no-op at TP = 1); the model then
+    takes and returns the same full-sequence tensors, each TP rank holding a share of the activations inside.
     """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if padded_vocab_size % tp_size:
@@ -243,7 +259,8 @@ def build_model(
             f"{tp_size} (pad it with hgrn_megatron.tokenizer.padded_vocab_size)"
         )
     config = transformer_config_from(cfg, tp_size=tp_size, params_dtype=params_dtype,
-                                     perform_initialization=initialize and not meta)
+                                     perform_initialization=initialize and not meta,
+                                     sequence_parallel=sequence_parallel)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = HGRNModel(config, cfg, padded_vocab_size)
     if not initialize:

@@ -86,6 +86,12 @@ class ParallelConfig(ConfigNode):
         1, gt=0, description="Ranks that share one sequence, each holding a contiguous piece of it (world = TP x "
         "CP x DP); the HGRU passes only its recurrent state between them. model.seq_length must divide by it."
     )
+    sequence_parallel: bool = Field(
+        False, description="Megatron sequence parallelism: norms and the residual stream split along the sequence "
+        "over the TP ranks (all-gather before the column-parallel projections, reduce-scatter after the row-parallel "
+        "ones); every rank then keeps 1/TP of the activations TP alone replicates. A no-op at TP 1. "
+        "model.seq_length / context_parallel_size must divide by TP."
+    )
     zero_stage: Literal[0, 1, 2, 3] = 1
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl with CUDA, gloo without.")
     deepspeed_extra: dict[str, Any] = Field(
@@ -183,6 +189,10 @@ class RunConfig(ConfigNode):
         if self.model.seq_length % cp:
             raise ConfigError(f"model.seq_length ({self.model.seq_length}) is not divisible by "
                               f"parallel.context_parallel_size ({cp})")
+        if self.parallel.sequence_parallel and tp > 1 and self.model.seq_length % (cp * tp):
+            raise ConfigError(f"parallel.sequence_parallel: model.seq_length ({self.model.seq_length}) is not "
+                              f"divisible by context_parallel_size x tensor_parallel_size ({cp} x {tp}), as "
+                              "sequence parallelism splits each piece over the TP ranks")
         if cp > 1:
             from hgrn_megatron.mixers import MIXERS
 

@@ -64,7 +64,8 @@ def build_engine(cfg: RunConfig, padded_vocab_size: int, dp_size: int, load_univ
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, padded_vocab_size, initialize=initialize)
+    model = build_model(cfg.model, padded_vocab_size, initialize=initialize,
+                        sequence_parallel=cfg.parallel.sequence_parallel)
     initial_fp32 = {name: p.detach().float().clone() for name, p in fp32_parameters(model)}
     optimizer = build_optimizer(cfg, model)
     ds_config = cfg.deepspeed_config(dp_size)

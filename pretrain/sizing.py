@@ -20,7 +20,9 @@ from pathlib import Path
 GiB = 2**30
 
 # Activations an HGRN layer saves per token, in bytes per hidden unit, split into what TP divides and what
-# every TP rank keeps (norm inputs, residuals: sequence parallelism is not built, so they are replicated).
+# every TP rank keeps without sequence parallelism (norm inputs, residuals, the linears' inputs). With
+# `parallel.sequence_parallel` TP divides both: at TP 2 each rank then saves exactly half of TP 1's (measured,
+# `tests/model/test_sequence_parallel.py`; docs/BENCHMARKS.md).
 # Fitted to the CPU counts of docs/LAUNCH.md ("Sizing", 2026-11-28, `benchmarks/activation_memory.py`):
 # hgrn-1b at TP 1 saves 148.5 KiB per token per layer (d = 2048: 74.25 B per unit), hgrn-7b at TP 2 183.5 KiB
 # (d = 4096: 45.875 B per unit), so split + replicated = 74.25 and split / 2 + replicated = 45.875.
@@ -70,9 +72,15 @@ def state_bytes(cfg, params: int, lay: Layout) -> dict[str, float]:
     return out
 
 
+def sequence_parallel(cfg, tp: int) -> bool:
+    """Sequence parallelism is on (it is a no-op at TP 1)."""
+    return bool(cfg.parallel.sequence_parallel) and tp > 1
+
+
 def layer_bytes_per_token(cfg, tp: int) -> float:
     """Bytes one layer saves per token without recompute (measured figures above)."""
-    per_unit = HGRN_SPLIT_BYTES_PER_UNIT / tp + HGRN_REPLICATED_BYTES_PER_UNIT
+    replicated = HGRN_REPLICATED_BYTES_PER_UNIT / (tp if sequence_parallel(cfg, tp) else 1)
+    per_unit = HGRN_SPLIT_BYTES_PER_UNIT / tp + replicated
     if cfg.model.mixer == "attention":
         per_unit *= TRANSFORMER_RATIO
     return per_unit * cfg.model.hidden_size
@@ -81,13 +89,14 @@ def layer_bytes_per_token(cfg, tp: int) -> float:
 def layers_bytes_per_token(cfg, tp: int) -> float:
     """All layers' saved bytes per token, with the configured recompute.
 
-    full recompute keeps one input (d values of the activation dtype) per recomputed group and, while one group
-    runs again in the backward pass, that group's full activations."""
+    full recompute keeps one input (d values of the activation dtype; with sequence parallelism this rank's
+    share of them) per recomputed group and, while one group runs again in the backward pass, that group's full
+    activations."""
     m = cfg.model
     full = layer_bytes_per_token(cfg, tp)
     if not m.recompute_granularity:
         return m.num_layers * full
-    act = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    act = (2 if cfg.train.precision in ("bf16", "fp16") else 4) / (tp if sequence_parallel(cfg, tp) else 1)
     group = m.recompute_num_layers
     if m.recompute_method == "uniform":
         return (m.num_layers // group) * act * m.hidden_size + group * full
@@ -232,7 +241,8 @@ def report(cfg, world: int, params: int, vocab: int, flops_per_token: float, mac
         f"memory per GPU (ZeRO {cfg.parallel.zero_stage} over DP x CP = {lay.zero_ranks}, TP shard {lay.tp}): "
         f"{states}",
         f"activations per GPU: layers {_gib(mem.layers)} ({tokens:,} tokens per micro-batch on this rank, "
-        f"recompute {cfg.model.recompute_granularity or 'off'}); loss {loss_note}",
+        f"recompute {cfg.model.recompute_granularity or 'off'}, sequence parallel "
+        f"{'on' if sequence_parallel(cfg, lay.tp) else 'off'}); loss {loss_note}",
         f"total per GPU: {_gib(mem.total)} with {_gib(CUDA_OVERHEAD_BYTES)} CUDA context and slack: {fits} "
         f"in {machine.gpu_memory_gib:g} GiB",
         f"longest sequence that fits {machine.gpu_memory_gib:g} GiB at micro-batch 1: "
@@ -262,25 +272,32 @@ def _next_multiple(value: int, of: int) -> int:
 def long_context_table(config_paths: list[str], world: int = 64, vocab: int = 32000, gpu_gib: float = 80.0,
                        cps: tuple[int, ...] = (1, 2, 4, 8)) -> str:
     """The markdown table of docs/LAUNCH.md: the longest trainable sequence (micro-batch 1) per config and CP
-    size, without and with full recompute, and with the chunked loss on top (4096-token chunks)."""
+    size, without and with full recompute, and with the chunked loss on top (4096-token chunks); the same three
+    with sequence parallelism where TP > 1 (a dash at TP 1, where it is a no-op)."""
     from hgrn_megatron.flops import count_parameters
     from hgrn_megatron.tokenizer import padded_vocab_size
 
     from .config import load_config
 
-    rows = ["| config | TP | CP | DP | recompute off | full recompute | full recompute + chunked loss |",
-            "|---|---|---|---|---|---|---|"]
+    kinds = ("recompute off", "full recompute", "full recompute + chunked loss")
+    rows = ["| config | TP | CP | DP | " + " | ".join(kinds) + " | " + " | ".join(f"SP, {k}" for k in kinds) + " |",
+            "|---|---|---|---|" + "---|" * 2 * len(kinds)]
     for path in config_paths:
         for cp in cps:
-            cfg = load_config(path, [f"parallel.context_parallel_size={cp}"])
-            recompute = load_config(path, [f"parallel.context_parallel_size={cp}", "model.recompute_granularity=full"])
-            lay = layout(cfg, world)
+            lay = layout(load_config(path, [f"parallel.context_parallel_size={cp}"]), world)
             padded = padded_vocab_size(vocab, lay.tp)
-            params = count_parameters(cfg.model, padded)
-            cells = [longest_sequence(c, params, padded, lay, gpu_gib * GiB, chunk=k)
-                     for c, k in ((cfg, None), (recompute, None), (recompute, 4096))]
-            rows.append(f"| {Path(path).name} | {lay.tp} | {cp} | {lay.dp} | "
-                        + " | ".join(f"{n // 1024:,} k" for n in cells) + " |")
+            cells = []
+            for sp in (False, True):
+                if sp and lay.tp == 1:
+                    cells += ["—"] * len(kinds)
+                    continue
+                base = [f"parallel.context_parallel_size={cp}", f"parallel.sequence_parallel={sp}"]
+                cfg = load_config(path, base)
+                recompute = load_config(path, [*base, "model.recompute_granularity=full"])
+                params = count_parameters(cfg.model, padded)
+                cells += [f"{longest_sequence(c, params, padded, lay, gpu_gib * GiB, chunk=k) // 1024:,} k"
+                          for c, k in ((cfg, None), (recompute, None), (recompute, 4096))]
+            rows.append(f"| {Path(path).name} | {lay.tp} | {cp} | {lay.dp} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

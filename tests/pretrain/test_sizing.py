@@ -133,3 +133,22 @@ def test_context_parallel_divides_the_activations_and_a_small_gpu_does_not_fit(c
     assert "fits in 24 GiB" in two
     small = _plan(capsys, "hgrn-1b.yaml", 64, "--gpu-memory-gib", "24")
     assert "DOES NOT FIT in 24 GiB" in small
+
+
+def test_sequence_parallelism_splits_the_replicated_activations_over_tp(capsys):
+    plain = load_config(str(CONFIGS / "hgrn-7b.yaml"))
+    sp = load_config(str(CONFIGS / "hgrn-7b.yaml"), ["parallel.sequence_parallel=true"])
+    d = plain.model.hidden_size
+    assert plain.parallel.tensor_parallel_size == 2
+    # every byte a layer saves is split: half of TP 1's 74.25 bytes per unit, against 56.75 / 2 + 17.5 without SP
+    assert sizing.layer_bytes_per_token(sp, 2) == pytest.approx(74.25 / 2 * d)
+    assert sizing.layer_bytes_per_token(plain, 2) == pytest.approx((56.75 / 2 + 17.5) * d)
+    assert sizing.layer_bytes_per_token(sp, 1) == sizing.layer_bytes_per_token(plain, 1)  # a no-op at TP 1
+    off = _plan(capsys, "hgrn-7b.yaml", 64)
+    on = _plan(capsys, "hgrn-7b.yaml", 64, "parallel.sequence_parallel=true")
+    assert "sequence parallel off" in off and "sequence parallel on" in on
+    assert _gib(on, "layers") == pytest.approx(_gib(off, "layers") * 74.25 / (56.75 + 2 * 17.5), abs=0.01)
+    row = next(line for line in sizing.long_context_table([str(CONFIGS / "hgrn-7b.yaml")], cps=(1,)).splitlines()
+               if line.startswith("| hgrn-7b"))
+    cells = [int(c.strip().removesuffix(" k").replace(",", "")) for c in row.split("|")[5:11]]
+    assert all(with_sp > without for without, with_sp in zip(cells[:3], cells[3:]))
