@@ -33,12 +33,26 @@ def responses(results: dict) -> dict[tuple[int, int], tuple[float, bool]]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", RUNS)
-def test_in_loop_results_equal_standalone_at_the_same_step(trained_runs, name, tmp_path, monkeypatch, capsys):
-    run_dir = trained_runs[name]
+def test_in_loop_results_equal_standalone_at_the_same_step(trained_runs, name, tmp_path, monkeypatch):
+    check_in_loop_equals_standalone(trained_runs[name], LAYOUT[name], tmp_path, monkeypatch)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # 4 ranks on 2 cores
+def test_in_loop_results_equal_standalone_tp2_dp2_zero3(tmp_path_factory, tmp_path, monkeypatch):
+    from tests.evaluation.conftest import _trained
+
+    run_dir = _trained(tmp_path_factory, "tp2dp2z3", tp=2, zero=3, world=4, harness_batch_size=1,
+                       all_gathered=True)
+    check_in_loop_equals_standalone(run_dir, (2, 2, 3), tmp_path, monkeypatch)
+
+
+def check_in_loop_equals_standalone(run_dir: Path, layout: tuple[int, int, int], tmp_path, monkeypatch) -> None:
     in_loop = json.loads(in_loop_results(run_dir).read_text())
     assert in_loop["hgrn_training"]["step"] == STEPS
-    tp, dp, zero = LAYOUT[name]
+    tp, dp, zero = layout
     assert (in_loop["hgrn_training"]["tp_size"], in_loop["hgrn_training"]["dp_size"]) == (tp, dp)
+    assert in_loop["hgrn_training"]["zero_stage"] == zero
     assert in_loop["hgrn_throughput"]["reuse_prefix"] is False  # the live model: whole sequences
     monkeypatch.chdir(REPO)
     alone = standalone(run_dir, tmp_path)
@@ -156,7 +170,7 @@ def test_an_unknown_task_stops_the_start_with_exit_2(tmp_path):
     config = write_config(tmp_path, harness_tasks=["no_such_task"], harness_task_dir=str(TASK_DIR))
     proc = hgrn_pretrain("--config", str(config))
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "eval.harness_tasks: unknown task(s) no_such_task" in proc.stderr
+    assert "cannot start: eval.harness_tasks: unknown task(s) no_such_task" in proc.stdout + proc.stderr
     assert not list((tmp_path / "run").glob("metrics.jsonl"))
 
 
