@@ -203,3 +203,13 @@ def test_a_harness_failure_during_training_is_logged_and_training_goes_on(tmp_pa
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     assert not [r for r in records if r["split"] == "eval"] and not (tmp_path / "run" / "eval").exists()
+
+
+@pytest.mark.slow  # a torchrun training start
+def test_in_loop_cost_benchmark_runs():
+    """benchmarks/eval_in_loop.py stays runnable (one layout, 3 items; no timing is checked)."""
+    proc = subprocess.run([sys.executable, "benchmarks/eval_in_loop.py", "--layouts", "1x1x1", "--limit", "3"],
+                          capture_output=True, text=True, timeout=600, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = proc.stdout.splitlines()[-1].split()
+    assert row[:2] == ["1x1x1", "8"] and float(row[2]) > 0  # 3 items of 2, 3 and 3 choices
