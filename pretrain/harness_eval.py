@@ -54,12 +54,13 @@ class HarnessEval:
 
     def __init__(self, trainer):
         self.trainer, self.cfg = trainer, trainer.cfg.eval
-        problem = [None]
+        problem, self.task_manager = [None], None
         if trainer.rank == LEADER:
             from hgrn_megatron.harness.tasks import find_tasks
 
-            try:
-                find_tasks(self.cfg.harness_tasks, self.cfg.harness_task_dir, where="eval.harness_tasks")
+            try:  # kept: indexing the harness's own tasks takes ~20 s, once per run instead of per evaluation
+                self.task_manager = find_tasks(self.cfg.harness_tasks, self.cfg.harness_task_dir,
+                                               where="eval.harness_tasks")
             except KeyError as err:
                 problem = [err.args[0]]
         dist.broadcast_object_list(problem, src=LEADER)
@@ -113,7 +114,8 @@ class HarnessEval:
         try:
             results = run_tasks(scorer, self.trainer.tokenizer, cfg.harness_tasks, task_dir=cfg.harness_task_dir,
                                 limit=cfg.harness_limit, num_fewshot=cfg.harness_num_fewshot,
-                                log_samples=cfg.harness_log_samples, where="eval.harness_tasks")
+                                log_samples=cfg.harness_log_samples, where="eval.harness_tasks",
+                                manager=self.task_manager)
         except Exception:  # noqa: BLE001 - an evaluation sink must not stop training
             if scorer.failed:
                 raise

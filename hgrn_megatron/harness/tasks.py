@@ -25,17 +25,19 @@ def harness_available() -> bool:
 
 def run_tasks(model, tokenizer, tasks: list[str], *, task_dir: str | Path | None = None,
               limit: int | None = None, batch_size: int = 16, reuse_prefix: bool = True,
-              num_fewshot: int | None = None, log_samples: bool = False, where: str = "--tasks") -> dict:
+              num_fewshot: int | None = None, log_samples: bool = False, where: str = "--tasks",
+              manager=None) -> dict:
     """The harness's results dict (samples dropped unless `log_samples`), plus `hgrn_throughput`: the
     loglikelihood requests scored, their seconds and requests per second. `model`: a `StatefulLM` or a scorer
     (`harness.lm.HGRNHarnessLM`). The random generators the harness seeds are restored afterwards, so a run
-    inside training leaves the training's random streams where they were."""
+    inside training leaves the training's random streams where they were. `manager`: a TaskManager from
+    `find_tasks` to reuse (indexing the harness's own tasks takes ~20 s)."""
     import lm_eval
 
     from .lm import HGRNHarnessLM
 
     lm = HGRNHarnessLM(model, tokenizer, batch_size=batch_size, reuse_prefix=reuse_prefix)
-    manager = find_tasks(tasks, task_dir, where)
+    manager = manager or find_tasks(tasks, task_dir, where)
     with preserved_rng():
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
                                           num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)

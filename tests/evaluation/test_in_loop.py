@@ -213,3 +213,22 @@ def test_in_loop_cost_benchmark_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = proc.stdout.splitlines()[-1].split()
     assert row[:2] == ["1x1x1", "8"] and float(row[2]) > 0  # 3 items of 2, 3 and 3 choices
+
+
+@pytest.mark.distributed
+def test_evaluating_in_the_loop_leaves_training_unchanged(tmp_path):
+    """Every step evaluated (harness_interval 1, one task manager reused): the same losses as without."""
+    from hgrn_megatron.testing.distributed import run_distributed
+    from tests.pretrain.conftest import read_losses, tiny_run_tree
+
+    train = {"steps": 3, "global_batch_size": 2, "micro_batch_size": 2, "eval_interval": 0, "seed": 3}
+    with_eval = tiny_run_tree(tmp_path / "with", train=train, eval={
+        "harness_tasks": ["tiny_qa"], "harness_task_dir": str(TASK_DIR), "harness_limit": 2, "harness_interval": 1})
+    without = tiny_run_tree(tmp_path / "without", train=train)
+    for tree in (with_eval, without):
+        (result,) = run_distributed(_train_and_read, world_size=1, args=(tree,), timeout=300)
+        assert result == {"exit_code": 0, "step": 3}
+    records = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "with" / "eval").iterdir()) == [f"step-{s:08d}.json" for s in (1, 2, 3)]
+    assert read_losses(tmp_path / "with") == read_losses(tmp_path / "without")
