@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from hgrn_megatron.evaluation.hf_model import stateful_hf_model
-    from hgrn_megatron.evaluation.scoring import score_pairs
+    from hgrn_megatron.harness.scoring import score_pairs
 
     model = stateful_hf_model(build_model(args))
     pairs = make_requests(args)

@@ -153,6 +153,44 @@ class LoggingConfig(ConfigNode):
     )
 
 
+class EvalConfig(ConfigNode):
+    """lm-evaluation-harness tasks on the live model during training (`pretrain/harness_eval.py`)."""
+
+    harness_tasks: list[str] = Field(
+        [], description="Harness task or group names evaluated in the loop (empty: off); needs the eval extra."
+    )
+    harness_interval: int | None = Field(
+        None, gt=0, description="Steps between harness evaluations; None: at the steps checkpoint.interval saves. "
+        "Always at the last step."
+    )
+    harness_task_dir: str | None = Field(None, description="Folder of extra task YAMLs (local data).")
+    harness_limit: int | None = Field(None, gt=0, description="At most N documents per task.")
+    harness_batch_size: int = Field(16, gt=0, description="Requests per forward on each data-parallel replica.")
+    harness_num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: each task's own).")
+    harness_log_samples: bool = Field(
+        False, description="Keep the per-request records (arguments, log-likelihoods) in RUN_DIR/eval/step-N.json."
+    )
+
+    @field_validator("harness_tasks")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        names = [n.strip() for n in names]
+        if any(not n for n in names):
+            raise ValueError("an empty task name")
+        # Checked when the config is read: a missing package is one line now, not an error at the first evaluation.
+        import importlib.util
+
+        from hgrn_megatron.harness.tasks import INSTALL_HINT
+
+        if names and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError(f"{INSTALL_HINT}; or leave this list empty")
+        return names
+
+    def check_paths(self) -> None:
+        if self.harness_tasks and self.harness_task_dir and not Path(self.harness_task_dir).is_dir():
+            raise ConfigError(f"eval.harness_task_dir: {self.harness_task_dir} is not a directory")
+
+
 class RunConfig(ConfigNode):
     run_dir: str = Field(
         "runs/default", description="Checkpoints, metrics.jsonl, tensorboard/ and config.yaml go here."
@@ -166,9 +204,13 @@ class RunConfig(ConfigNode):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.eval.harness_tasks and self.parallel.context_parallel_size > 1:
+            raise ValueError("eval.harness_tasks: harness evaluation in the loop needs parallel.context_parallel_size "
+                             "1 (evaluate the checkpoints with hgrn-eval instead)")
         if self.optimizer.min_lr > self.optimizer.lr:
             raise ValueError(f"optimizer.min_lr ({self.optimizer.min_lr}) exceeds optimizer.lr ({self.optimizer.lr})")
         if self.train.global_batch_size % self.train.micro_batch_size:
@@ -218,6 +260,7 @@ class RunConfig(ConfigNode):
         from hgrn_megatron.tokenizer import Tokenizer, TokenizerError
 
         self.data.check_paths()
+        self.eval.check_paths()
         try:
             Tokenizer.load(self.tokenizer.model)
         except (TokenizerError, OSError) as err:

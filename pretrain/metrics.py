@@ -55,12 +55,13 @@ NOT_PLOTTED = frozenset({"step", "total_steps", "eta_s"})
 
 
 def scalar_tags(record: dict[str, Any], prefix: str) -> dict[str, float]:
-    """The plotted scalars of `record` under `prefix/`, the prefix not repeated: `val_loss/a` -> `val/loss/a`."""
+    """The plotted scalars of `record` under `prefix/`, the prefix not repeated: `val_loss/a` -> `val/loss/a`,
+    `eval/task/acc` -> `eval/task/acc`."""
     tags = {}
     for key, value in record.items():
         if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        name = key[len(prefix) + 1:] if key.startswith(prefix + "_") else key
+        name = key[len(prefix) + 1:] if key.startswith((prefix + "_", prefix + "/")) else key
         tags[f"{prefix}/{name}"] = value
     return tags
 

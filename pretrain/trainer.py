@@ -3,7 +3,8 @@
 `Trainer(cfg, resume)` sets up collectively on every rank (process groups, tokenizer, the checkpoint to resume,
 engine, data, validation, metrics); `Trainer.train()` is the loop, one iteration per optimizer step:
 
-    train_step → log_interval → maybe_evaluate → maybe_checkpoint → stop at the end or when the ranks agree to
+    train_step → log_interval → maybe_evaluate → harness (eval.harness_tasks) → maybe_checkpoint → stop at the
+    end or when the ranks agree to
 
 The run's progress is one `TrainState` (`train_state.py`), which checkpoints save and resumes restore.
 """
@@ -42,6 +43,7 @@ from .engine import (
 )
 from .evaluation import evaluate
 from .fault_injection import FaultInjection
+from .harness_eval import HarnessEval
 from .metrics import MetricsWriter, StartupTimeline, console_line, data_metrics, device_peak_flops, memory_gib
 from .preemption import StopRequest
 from .run_lock import lock_run_dir
@@ -88,6 +90,7 @@ class Trainer:
         self.startup = StartupTimeline()
         self._init_parallel()
         self.startup.mark("process groups")
+        self.harness = HarnessEval(self) if cfg.eval.harness_tasks else None  # rank 0 checks the task names
         from ..tokenizer import Tokenizer, padded_vocab_size
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer.model)
@@ -330,6 +333,8 @@ class Trainer:
             self.log_interval()
             if not self.maybe_evaluate():
                 return self._requeue()
+            if self.harness:
+                self.harness.maybe_run()
             self.maybe_checkpoint()
             self.checkpointer.poll()
             if state.step == cfg.train.steps:

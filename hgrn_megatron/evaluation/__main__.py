@@ -1,7 +1,7 @@
 """`hgrn-eval`: lm-evaluation-harness tasks, or loss/perplexity on Pile-format shards, for a checkpoint.
 
     hgrn-eval --checkpoint RUN_OR_STEP_DIR | --hf DIR  --tasks T1,T2 [--limit N] [--batch-size N]
-              [--task-dir DIR] [--num-fewshot K] [--no-prefix-reuse] [--out FILE]
+              [--task-dir DIR] [--num-fewshot K] [--no-prefix-reuse] [--log-samples] [--out FILE]
     hgrn-eval --checkpoint RUN_OR_STEP_DIR --shards GLOB [GLOB ...] [--samples N] [--batch-size N] [--out FILE]
 
 Harness results go to RUN_DIR/eval/step-NNNNNNNN.json (from a checkpoint) and/or --out, and a table to stdout.
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="score every request as one whole sequence instead of carrying its context's state")
+    p.add_argument("--log-samples", action="store_true",
+                   help="keep the harness's per-request records (arguments, log-likelihoods) in the results")
     p.add_argument("--samples", type=int, default=None,
                    help="--shards: samples of seq_length + 1 tokens (default: the run's data.valid_samples)")
     p.add_argument("--tokenizer", default=None, help="--shards: SentencePiece model if not where the run says")
@@ -94,7 +96,7 @@ def _run_shards(args) -> int:
 
 
 def _run_harness(args) -> int:
-    from .harness_run import INSTALL_HINT, harness_available
+    from hgrn_megatron.harness.tasks import INSTALL_HINT, harness_available
 
     if not harness_available():
         print(f"hgrn-eval: error: {INSTALL_HINT}", file=sys.stderr)
@@ -120,7 +122,7 @@ def _run_harness(args) -> int:
         step = json.loads((step_dir / "run_state.json").read_text())["step"]
         results["hgrn_checkpoint"] = {"step_dir": str(step_dir), "step": step}
         targets = [step_dir.parent.parent / "eval" / f"{step_dir.name}.json"]
-    from .harness_run import results_table, write_results
+    from hgrn_megatron.harness.tasks import results_table, write_results
 
     for path in targets:  # the run's record for this step: tasks evaluated earlier at this step stay
         write_results(results, path, merge=True)
@@ -137,13 +139,14 @@ def _run_harness(args) -> int:
 
 
 def _evaluate_dir(args, hf_dir: Path, tasks: list[str]) -> dict:
-    from .harness_run import run_tasks
+    from hgrn_megatron.harness.tasks import run_tasks
+
     from .hf_model import load_hf_dir, stateful_hf_model
 
     model, tokenizer = load_hf_dir(hf_dir, device=args.device)
     return run_tasks(stateful_hf_model(model), tokenizer, tasks, task_dir=args.task_dir, limit=args.limit,
                      batch_size=args.batch_size or 16, reuse_prefix=not args.no_prefix_reuse,
-                     num_fewshot=args.num_fewshot)
+                     num_fewshot=args.num_fewshot, log_samples=args.log_samples)
 
 
 def _write_json(data: dict, path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .scoring import StatefulLM
+from hgrn_megatron.harness.scoring import StatefulLM
 
 
 class EvaluationError(RuntimeError):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.distributed  # the model fixture trains with real gloo 
 
 
 def test_a_localized_task_with_includes_runs_from_anywhere(tp1_hf_model, tmp_path, monkeypatch):
-    from hgrn_megatron.evaluation.harness_run import run_tasks
+    from hgrn_megatron.harness.tasks import run_tasks
 
     source = tmp_path / "harness-style"
     source.mkdir()

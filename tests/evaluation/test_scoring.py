@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hgrn_megatron.evaluation.hf_model import stateful_hf_model
-from hgrn_megatron.evaluation.scoring import score_pairs
+from hgrn_megatron.harness.scoring import score_pairs
 from tests.evaluation.conftest import REPO, TASK_DIR
 
 pytestmark = pytest.mark.distributed  # the fixtures train with real gloo ranks
@@ -35,7 +35,7 @@ def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int]
 
 
 def test_harness_loglikelihoods_equal_a_direct_forward(tp1_hf_model, monkeypatch):
-    from hgrn_megatron.evaluation.harness_run import run_tasks
+    from hgrn_megatron.harness.tasks import run_tasks
 
     model, tokenizer = tp1_hf_model
     monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
@@ -109,7 +109,7 @@ def test_scoring_counts_each_shared_context_once(tp1_hf_model):
 def test_greedy_generation_equals_transformers_generate(tp1_hf_model):
     from lm_eval.api.instance import Instance
 
-    from hgrn_megatron.evaluation.harness_lm import HGRNHarnessLM
+    from hgrn_megatron.harness.lm import HGRNHarnessLM
 
     model, tokenizer = tp1_hf_model
     lm = HGRNHarnessLM(stateful_hf_model(model), tokenizer)
@@ -133,7 +133,7 @@ def test_rolling_loglikelihood_scores_the_whole_document_after_eos(tp1_hf_model)
     """Perplexity tasks: no context window, one pass from EOS (chunked here, carrying the state)."""
     from lm_eval.api.instance import Instance
 
-    from hgrn_megatron.evaluation.harness_lm import HGRNHarnessLM
+    from hgrn_megatron.harness.lm import HGRNHarnessLM
 
     model, tokenizer = tp1_hf_model
     stateful = stateful_hf_model(model)

@@ -1,15 +1,15 @@
-"""Run lm-evaluation-harness tasks on a `StatefulLM` and save its results.
+"""Run lm-evaluation-harness tasks on a model or scorer, and save its results.
 
     results = run_tasks(model, tokenizer, ["tiny_qa"], task_dir="tests/assets/eval", limit=8)
     write_results(results, Path("runs/x/eval/step-00000300.json"))
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 from pathlib import Path
-
-from .scoring import StatefulLM
 
 INSTALL_HINT = ("lm-evaluation-harness is not installed: pip install 'hgrn-megatron[eval]' "
                 "(or pip install -c constraints.txt lm-eval)")
@@ -23,30 +23,59 @@ def harness_available() -> bool:
     return True
 
 
-def run_tasks(model: StatefulLM, tokenizer, tasks: list[str], *, task_dir: str | Path | None = None,
+def run_tasks(model, tokenizer, tasks: list[str], *, task_dir: str | Path | None = None,
               limit: int | None = None, batch_size: int = 16, reuse_prefix: bool = True,
-              num_fewshot: int | None = None, log_samples: bool = False) -> dict:
+              num_fewshot: int | None = None, log_samples: bool = False, where: str = "--tasks",
+              manager=None) -> dict:
     """The harness's results dict (samples dropped unless `log_samples`), plus `hgrn_throughput`: the
-    loglikelihood requests scored, their seconds and requests per second."""
+    loglikelihood requests scored, their seconds and requests per second. `model`: a `StatefulLM` or a scorer
+    (`harness.lm.HGRNHarnessLM`). The random generators the harness seeds are restored afterwards, so a run
+    inside training leaves the training's random streams where they were. `manager`: a TaskManager from
+    `find_tasks` to reuse (indexing the harness's own tasks takes ~20 s)."""
     import lm_eval
 
-    from .harness_lm import HGRNHarnessLM
+    from .lm import HGRNHarnessLM
 
     lm = HGRNHarnessLM(model, tokenizer, batch_size=batch_size, reuse_prefix=reuse_prefix)
-    manager = _task_manager(tasks, task_dir)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        where = f" (looked in {task_dir} and the harness's tasks)" if task_dir else " (pass --task-dir for local tasks)"
-        raise KeyError(f"--tasks: unknown task(s) {', '.join(unknown)}{where}")
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
-                                      num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)
+    manager = manager or find_tasks(tasks, task_dir, where)
+    with preserved_rng():
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
+                                          num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)
     seconds = lm.stats["seconds"]
     results["hgrn_throughput"] = {
         "loglikelihood_requests": lm.stats["requests"], "seconds": round(seconds, 3),
         "requests_per_s": round(lm.stats["requests"] / seconds, 2) if seconds > 0 else None,
-        "batch_size": batch_size, "reuse_prefix": reuse_prefix and model.carries_state,
+        "batch_size": lm.scorer.batch_size, "reuse_prefix": lm.scorer.reuses_prefix,
     }
     return results
+
+
+def find_tasks(tasks: list[str], task_dir: str | Path | None, where: str = "--tasks"):
+    """The harness's TaskManager that holds every one of `tasks`; KeyError naming `where` and the unknown ones."""
+    manager = _task_manager(tasks, task_dir)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hint = f" (looked in {task_dir} and the harness's tasks)" if task_dir else " (local tasks need a task folder)"
+        raise KeyError(f"{where}: unknown task(s) {', '.join(unknown)}{hint}")
+    return manager
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Python's, numpy's and torch's (CPU and CUDA) random states restored on exit."""
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
 
 
 def _task_manager(tasks: list[str], task_dir: str | Path | None):

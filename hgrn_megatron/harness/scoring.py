@@ -1,6 +1,7 @@
 """Log-likelihoods of token continuations from a recurrent language model, batched, reusing context states.
 
-The model is a callable, not a file: `StatefulLM(forward, select_state)` where
+The model is a callable, not a file (an exported model: `evaluation.hf_model`; the live training model:
+`native.native_lm`): `StatefulLM(forward, select_state)` where
 
     forward(input_ids Long[B, T], attention_mask Long[B, T] | None, state | None) -> (logits [B, T, V], state)
     select_state(state, rows Long[N]) -> a new state holding those rows (rows may repeat)
@@ -88,7 +89,9 @@ def score_pairs(model: StatefulLM, pairs: Sequence[Pair], batch_size: int = 16,
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise ValueError(f"pair {i}: context and continuation must both hold tokens")
-    with torch.inference_mode():
+    # no_grad, not inference_mode: under ZeRO-3 the forward gathers parameters, and a gathered parameter that
+    # stays resident would be an inference tensor the next training step cannot use
+    with torch.no_grad():
         if reuse_prefix and model.carries_state:
             return _score_with_prefix_states(model, pairs, batch_size)
         return _score_whole_sequences(model, pairs, batch_size)
