@@ -96,7 +96,8 @@ class HarnessEval:
         t = self.trainer
         model = native_lm(lambda ids, doc_start: t.engine(ids, doc_start=doc_start), eos_id=t.tokenizer.eos_id,
                           vocab_size=t.tokenizer.vocab_size, reset_documents=t.cfg.model.reset_at_document_boundary,
-                          tp_group=ps.get_tensor_model_parallel_group(), device=t.engine.device)
+                          tp_group=ps.get_tensor_model_parallel_group(), device=t.engine.device,
+                          pad_to=t.tp if t.cfg.parallel.sequence_parallel else 1)
         layout = ReplicaLayout(dp_rank=t.dp_rank, dp_size=t.dp_size, reports=t.tp_rank == 0, dp_group=t.dp_group,
                                lockstep=t.engine.zero_optimization_stage() == 3 and t.dp_size > 1,
                                device=comm_device())

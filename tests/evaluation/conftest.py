@@ -43,8 +43,8 @@ IN_LOOP_EVAL = {"harness_tasks": ["tiny_qa"], "harness_task_dir": str(TASK_DIR),
                 "harness_batch_size": 3, "harness_log_samples": True}
 
 
-def eval_run_tree(run_dir: Path, tp: int, zero: int, harness_batch_size: int = 3, all_gathered: bool = False
-                  ) -> dict:
+def eval_run_tree(run_dir: Path, tp: int, zero: int, harness_batch_size: int = 3, all_gathered: bool = False,
+                  sequence_parallel: bool = False) -> dict:
     """4 steps, validated (on several sources, across documents), evaluated on the local harness task in the
     loop and checkpointed at step 4."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def eval_run_tree(run_dir: Path, tp: int, zero: int, harness_batch_size: int = 3
         model={"preset": "tiny", "seq_length": 32, "reset_at_document_boundary": True},
         data={"valid_shards": [str(valid)], "valid_samples": 12},
         train={"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": STEPS, "seed": 5},
-        parallel={"tensor_parallel_size": tp, "zero_stage": zero, "deepspeed_extra": {
+        parallel={"tensor_parallel_size": tp, "zero_stage": zero, "sequence_parallel": sequence_parallel,
+                  "deepspeed_extra": {
             # ZeRO-3 keeps a model this small gathered (parameters under 1e5 elements stay whole, and gathered
             # ones stay live up to 1e9 elements): without those allowances every forward gathers its parameters
             # over the data-parallel ranks, as a real model's forward does
@@ -100,7 +101,8 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
     """The runs, trained together on first use: rank processes are forked before this test process has run
     any model or process group of its own (a fork after that hung the TP 2 ranks)."""
     return {"tp1": _trained(tmp_path_factory, "tp1", tp=1, zero=1),
-            "tp2_zero3": _trained(tmp_path_factory, "tp2z3", tp=2, zero=3),
+            # with sequence parallelism: the harness's sequences of any length are padded to a multiple of TP
+            "tp2_zero3": _trained(tmp_path_factory, "tp2z3", tp=2, zero=3, sequence_parallel=True),
             "dp2_zero3": _trained(tmp_path_factory, "dp2z3", tp=1, zero=3, world=2, harness_batch_size=1,
                                   all_gathered=True)}
 
