@@ -123,7 +123,8 @@ def read_run_state(ckpt_dir: Path) -> dict:
 
 def convert_to_universal(ckpt_dir: Path, workers: int = 1) -> None:
     """DeepSpeed's universal checkpoint (world-size independent), written once beside `ds/`, by `workers`
-    processes (`universal.convert`)."""
+    processes (`universal.convert`). More than one worker forks: call it from a fresh process (`hgrn-checkpoint
+    reshard`), not one whose OpenMP or communication threads a forked worker could find locked."""
     from .universal import convert
 
     out = ckpt_dir / DS_UNIVERSAL_TAG
