@@ -107,7 +107,8 @@ class CheckpointConfig(ConfigNode):
     )
     async_save: bool = Field(
         False, description="Write the shards in a background thread: a step waits only for the snapshot of the "
-        "state to host memory; the checkpoint is committed once every rank's writes succeeded."
+        "state to host memory (buffers that stay allocated for the run: the rank's share of the checkpoint); the "
+        "checkpoint is committed once every rank's writes succeeded."
     )
     init_from: str | None = Field(
         None, description="Start a new training phase from the weights of this checkpoint (a step folder or a run "

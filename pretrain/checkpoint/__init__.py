@@ -14,7 +14,8 @@ after the rename. Resume (`load.py`) picks the newest folder whose manifest chec
 bytes of its own files, and falls back to older ones, with a warning, when the newest is torn or corrupt.
 
 Modules: `files` (atomic writes, digests, errors), `manifest`, `engine_io` (DeepSpeed checkpoint engine),
-`save`, `load`, `retention`.
+`snapshot` (host buffers of background saves), `save`, `load`, `universal` (the universal conversion over a worker
+pool), `reshard` (`hgrn-checkpoint reshard`), `retention`.
 """
 from .files import (
     CheckpointError,

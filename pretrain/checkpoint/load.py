@@ -7,7 +7,6 @@ next older one. Checkpoints that exist but of which none is usable are an error,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -123,36 +122,17 @@ def read_run_state(ckpt_dir: Path) -> dict:
 
 
 def convert_to_universal(ckpt_dir: Path, workers: int = 1) -> None:
-    """DeepSpeed's universal checkpoint (world-size independent), written once beside `ds/`, with `workers`
-    processes extracting and merging parameters in parallel."""
+    """DeepSpeed's universal checkpoint (world-size independent), written once beside `ds/`, by `workers`
+    processes (`universal.convert`). More than one worker forks: call it from a fresh process (`hgrn-checkpoint
+    reshard`), not one whose OpenMP or communication threads a forked worker could find locked."""
+    from .universal import convert
+
     out = ckpt_dir / DS_UNIVERSAL_TAG
     if out.is_dir():
         return
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
     tmp = ckpt_dir / (DS_UNIVERSAL_TAG + ".tmp")
-    source = ckpt_dir / (DS_TAG + ".universal-input")
-    for stale in (tmp, source):
-        shutil.rmtree(stale, ignore_errors=True)
-    # megatron modules keep an `_extra_state` entry (None) in their state dicts, which the converter cannot
-    # write; it reads a view of `ds/` whose model-state files drop those entries (ZeRO shards are symlinked).
-    source.mkdir()
-    for path in (ckpt_dir / DS_TAG).iterdir():
-        if path.name.endswith("model_states.pt"):
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if isinstance(state.get("module"), dict):
-                state["module"] = {k: v for k, v in state["module"].items() if v is not None}
-            torch.save(state, source / path.name)
-        else:
-            os.symlink(path.resolve(), source / path.name)
-    args = argparse.Namespace(
-        input_folder=str(source), output_folder=str(tmp), num_extract_workers=workers, num_merge_workers=workers,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,
-    )
-    try:
-        ds_to_universal(args)
-    finally:
-        shutil.rmtree(source, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert(ckpt_dir / DS_TAG, tmp, workers)
     os.replace(tmp, out)
 
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or conversion_workers()
     t0 = time.perf_counter()
     convert_to_universal(found[0], workers=workers)
-    print(f"{found[0]}: universal checkpoint ready ({workers} workers, {time.perf_counter() - t0:.1f} s)")
+    print(f"{found[0]}: universal checkpoint ready ({workers} workers, {time.perf_counter() - t0:.2f} s)")
     return 0
 
 

@@ -20,13 +20,11 @@ from ..distributed import all_reduce_flag
 from . import engine_io
 from .files import (
     CheckpointWriteError,
-    atomic_torch_save,
     atomic_write_bytes,
     describe_write_error,
     fsync_path,
-    os_error_behind,
 )
-from .manifest import record_file, write_manifest
+from .manifest import write_manifest
 from .retention import RetentionPolicy, apply_retention, step_dir_name
 
 DS_TAG = "ds"
@@ -89,22 +87,20 @@ def universal_checkpoint_info(param_names: list[str], vocab_size: int) -> dict:
     return info
 
 
-def _write_own_files(tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str) -> dict[str, dict]:
-    """The files that are ours rather than DeepSpeed's: this rank's RNG states, and on rank 0 the run and data
-    state and the config. Returns their manifest entries."""
-    written = [tmp / "rng" / f"rank-{rank:05d}.pt"]
-    atomic_torch_save(rng_state(), written[0])
+def _write_own_files(writer, tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str) -> None:
+    """The files that are ours rather than DeepSpeed's, through `writer` (now, or snapshotted for the background
+    writer, which records their manifest entries with DeepSpeed's): this rank's RNG states (as they are now), and
+    on rank 0 the run and data state and the config."""
+    writer.save_object(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     if rank == 0:
-        atomic_torch_save(data_state, tmp / "data_state.pt")
-        atomic_write_bytes(tmp / "run_state.json", json.dumps(run_state, indent=1).encode())
-        atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
-        written += [tmp / "data_state.pt", tmp / "run_state.json", tmp / "config.yaml"]
-    return dict(record_file(path, tmp, rank) for path in written)
+        writer.save_object(data_state, tmp / "data_state.pt")
+        writer.save_bytes(json.dumps(run_state, indent=1).encode(), tmp / "run_state.json")
+        writer.save_bytes(config_yaml.encode(), tmp / "config.yaml")
 
 
 def _start_shards(writer, engine, tmp: Path, rank: int, run_state: dict, data_state: Any, config_yaml: str):
-    """This rank's part of a save, started: DeepSpeed's shards through `writer` (written now, or snapshotted for
-    the background writer), then our own files. Returns (entries of our files, None) or (None, why it failed)."""
+    """This rank's part of a save, started through `writer` (written now, or snapshotted for the background
+    writer): DeepSpeed's shards, then our own files. Returns None, or why it failed."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     writer.begin(tmp, rank)
@@ -116,20 +112,15 @@ def _start_shards(writer, engine, tmp: Path, rank: int, run_state: dict, data_st
         # DeepSpeed's own small writes (its recovery scripts) failed on this rank after its opening barrier: meet
         # the other ranks at its closing one, so that the collectives stay paired, and fail together later.
         dist.barrier()
-        return None, describe_write_error(err, Path(err.filename or tmp))
-    try:
-        return _write_own_files(tmp, rank, run_state, data_state, config_yaml), None
-    except (OSError, RuntimeError) as err:
-        if (cause := os_error_behind(err)) is None:
-            raise
-        return None, describe_write_error(cause, Path(cause.filename or tmp))
+        return describe_write_error(err, Path(err.filename or tmp))
+    _write_own_files(writer, tmp, rank, run_state, data_state, config_yaml)
+    return None
 
 
 @dataclass
 class _Pending:
     step: int
     tmp: Path
-    own: dict | None  # entries of the files written in the foreground
     problem: str | None
 
 
@@ -150,6 +141,7 @@ class Checkpointer:
     def save(self, step: int, run_state: dict, data_state: Any, config_yaml: str) -> None:
         """Collective. Synchronous: raises CheckpointWriteError on every rank when any rank could not write."""
         self.finish(raise_on_failure=False)
+        self.engine.checkpoint_engine = self.writer  # (back) in place: another Checkpointer may have saved since
         rank = dist.get_rank()
         tmp = self.ckpt_root / (step_dir_name(step) + ".tmp")
         problem = None
@@ -162,10 +154,10 @@ class Checkpointer:
                 problem = describe_write_error(err, tmp)
         failed = [problem]
         dist.broadcast_object_list(failed, src=0)
-        own, problem = None, failed[0]
+        problem = failed[0]
         if problem is None:
-            own, problem = _start_shards(self.writer, self.engine, tmp, rank, run_state, data_state, config_yaml)
-        self.pending = _Pending(step, tmp, own, problem)
+            problem = _start_shards(self.writer, self.engine, tmp, rank, run_state, data_state, config_yaml)
+        self.pending = _Pending(step, tmp, problem)
         if self.writer.background:
             self.writer.start_writes()
         else:
@@ -186,7 +178,7 @@ class Checkpointer:
             return None
         self.writer.wait()
         problem = pending.problem or self.writer.error
-        entries = None if problem else {**self.writer.entries, **pending.own}
+        entries = None if problem else dict(self.writer.entries)
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object((entries, problem), parts, dst=0)  # every rank's entries, or its reason for failing
         outcome = [None]
