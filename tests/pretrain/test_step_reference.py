@@ -31,13 +31,13 @@ def _train(tree: dict) -> int:
     return train(RunConfig.build(tree), resume="none").exit_code
 
 
-def _tree(run_dir: Path, lr: float, micro_batch: int) -> dict:
+def _tree(run_dir: Path, lr: float, micro_batch: int, context_parallel: int = 1) -> dict:
     return tiny_run_tree(
         run_dir,
         train={"steps": 1, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": micro_batch, "eval_interval": 0,
                "seed": 7},
         optimizer={"lr": lr, "min_lr": 0.0, "weight_decay": 0.5, "clip_grad": CLIP, "eps": EPS},
-        schedule={"warmup_steps": WARMUP}, parallel={"zero_stage": 1},
+        schedule={"warmup_steps": WARMUP}, parallel={"zero_stage": 1, "context_parallel_size": context_parallel},
         checkpoint={"interval": 0, "keep_last": 1, "save_at_end": True},
         data={"lanes": 8},
     )
@@ -79,12 +79,17 @@ def _reference_step(initial_run: str, tree: dict) -> dict:
     return {"loss": loss.item(), "grad_norm": norm, "worst": worst, "scale": scale}
 
 
-def test_first_step_equals_a_float64_reference(tmp_path):
+@pytest.mark.parametrize("micro_batch,context_parallel", [(2, 1), (4, 2)], ids=["dp2", "cp2"])
+def test_first_step_equals_a_float64_reference(tmp_path, micro_batch, context_parallel):
+    """2 ranks, 2 micro-batches each: data parallel (2 samples per micro-batch), or context parallel (each rank
+    half of every sequence of 4-sample micro-batches)."""
     initial = _tree(tmp_path / "initial", 1e-30, 4)  # one rank; a step of 1e-30 leaves the initial weights
-    stepped = _tree(tmp_path / "stepped", PEAK_LR, 2)  # 2 ranks x 2 micro-batches of 2
+    stepped = _tree(tmp_path / "stepped", PEAK_LR, micro_batch, context_parallel)
     assert run_distributed(_train, world_size=1, args=(initial,), timeout=240) == [0]
     assert run_distributed(_train, world_size=2, args=(stepped,), timeout=240) == [0, 0]
     logged = json.loads((tmp_path / "stepped" / "metrics.jsonl").read_text().splitlines()[0])
+    run_state = json.loads(next((tmp_path / "stepped" / "checkpoints").glob("step-*/run_state.json")).read_text())
+    assert (run_state["dp_size"], run_state["cp_size"]) == (2 // context_parallel, context_parallel)
     ref = run_distributed(_reference_step, world_size=1, args=(initial["run_dir"], stepped), timeout=240)[0]
     assert ref["scale"] < 0.5  # clipping is active
     assert logged["lr"] == pytest.approx(PEAK_LR / WARMUP, rel=1e-12)
