@@ -36,7 +36,8 @@ ENCODE_BATCH_DOCS = 32
 
 
 def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, counters: DataCounters):
-    """Token, source-name and doc-start arrays of the first documents of the validation shards."""
+    """Token and source-name arrays of the first documents of the validation shards (round-robin), and whether
+    the shards hold documents past them (which `data.valid_samples` then leaves out)."""
     paths = cfg.resolve_valid()
     names = shard_display_names(paths)
     parser, warner = RecordParser(cfg.record_format()), SkipWarner(cfg.warn_limit)
@@ -51,8 +52,9 @@ def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, coun
 
     # Encode in growing batches (1, 2, 4, ... documents) so that little is encoded past what is needed.
     size, batch = 1, []
-    for doc in _round_robin([iter_documents(path, parser, shard_name=name, counters=counters, warner=warner)
-                             for path, name in zip(paths, names)]):
+    documents = _round_robin([iter_documents(path, parser, shard_name=name, counters=counters, warner=warner)
+                              for path, name in zip(paths, names)])
+    for doc in documents:
         batch.append(doc)
         if len(batch) == size:
             flush(batch)
@@ -61,7 +63,9 @@ def _read_validation_tokens(cfg: DataConfig, tokenizer, tokens_needed: int, coun
                 break
     if batch and total < tokens_needed:
         flush(batch)
-    return tokens, sources
+        batch = []
+    more = bool(batch) or next(documents, None) is not None  # at most one more record parsed to know
+    return tokens, sources, more
 
 
 def _round_robin(readers):
@@ -91,7 +95,7 @@ def _cache_key(cfg: DataConfig, tokenizer, seq_length: int) -> str:
 def _packed_validation(cfg: DataConfig, tokenizer, S: int) -> dict | None:
     """The packed validation stream: tokens, doc starts, source ids, source names, samples, skips."""
     counters = DataCounters()
-    docs, doc_sources = _read_validation_tokens(cfg, tokenizer, cfg.valid_samples * S + 1, counters)
+    docs, doc_sources, more = _read_validation_tokens(cfg, tokenizer, cfg.valid_samples * S + 1, counters)
     skipped = counters.summary()["skipped_by_kind"]
     if not docs:
         return {"skipped": skipped, "samples": 0, "source_names": [], "documents": False}
@@ -103,8 +107,11 @@ def _packed_validation(cfg: DataConfig, tokenizer, S: int) -> dict | None:
     starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
     samples = min(cfg.valid_samples, (len(stream) - 1) // S)
     end = samples * S + 1  # only what the samples use
+    used = int(starts[:end].sum())  # documents that reach the samples, and their sources
+    used_sources = [source_names[i] for i in np.unique(source_ids[:end]).tolist()]
     return {"tokens": stream[:end], "starts": starts[:end], "source_ids": source_ids[:end],
-            "source_names": source_names, "samples": samples, "skipped": skipped, "documents": True}
+            "source_names": source_names, "samples": samples, "skipped": skipped, "documents": True,
+            "coverage": {"documents": used, "sources": used_sources, "more": more or used < len(docs)}}
 
 
 def _cached_validation(cfg: DataConfig, tokenizer, S: int, cache_dir: str | Path | None) -> dict:
@@ -118,7 +125,7 @@ def _cached_validation(cfg: DataConfig, tokenizer, S: int, cache_dir: str | Path
                 return meta
             return {**meta, "tokens": z["tokens"], "starts": z["starts"], "source_ids": z["source_ids"]}
     packed = _packed_validation(cfg, tokenizer, S)
-    meta = {k: packed[k] for k in ("samples", "skipped", "source_names", "documents")}
+    meta = {k: packed[k] for k in ("samples", "skipped", "source_names", "documents", "coverage") if k in packed}
     arrays = {k: packed[k] for k in ("tokens", "starts", "source_ids") if k in packed}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -126,6 +133,20 @@ def _cached_validation(cfg: DataConfig, tokenizer, S: int, cache_dir: str | Path
         np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
     os.replace(tmp, path)
     return packed
+
+
+def log_coverage(packed: dict, valid_samples: int) -> None:
+    """Say what the validation loss covers: documents are taken in file order (round-robin over shards), so
+    with `data.valid_samples` smaller than the set, a shard grouped by source is covered by its first sources
+    only; `val_loss/<source>` then exists only for those."""
+    coverage = packed.get("coverage")
+    if coverage is None:  # a cache written before coverage was recorded
+        return
+    names = coverage["sources"]
+    log.info("validation: %d samples from %d documents of %d sources (%s)%s", packed["samples"],
+             coverage["documents"], len(names), ", ".join(names),
+             f"; the shards hold more documents, which data.valid_samples ({valid_samples}) leaves out: they are "
+             "read in file order, round-robin over the shards" if coverage["more"] else "")
 
 
 def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_batch_size: int,
@@ -150,6 +171,8 @@ def build_validation_batches(cfg: DataConfig, tokenizer, seq_length: int, micro_
     if samples < cfg.valid_samples and dp_rank == 0:
         log.warning("validation shards hold %d samples of %d tokens, fewer than data.valid_samples (%d)",
                     samples, S + 1, cfg.valid_samples)
+    if dp_rank == 0:
+        log_coverage(packed, cfg.valid_samples)
     mine = list(range(dp_rank, samples, dp_size))
     batches = []
     for i in range(0, len(mine), micro_batch_size):

@@ -110,3 +110,43 @@ def test_validation_samples_every_shard_not_the_first_ones_documents(tmp_path, t
     out = build_validation_batches(cfg, tokenizer, S, 4)
     used = set(torch.cat([b["source_ids"] for b in out["batches"]]).unique().tolist())
     assert out["source_names"] == ["ArXiv", "Github", "Wikipedia"] and used == {0, 1, 2}
+
+
+def test_the_log_says_which_documents_and_sources_validation_covers(tmp_path, tokenizer, caplog):
+    """The validation shard is read in file order: with data.valid_samples short of the set, the log names the
+    few sources covered and says that the shard holds more; a set read whole says nothing of the kind."""
+    import logging
+
+    docs = [d.source for _, d in iter_documents(VAL, RecordParser(data_config(VAL).record_format()))]
+    short = data_config(VAL, valid_shards=[VAL], valid_samples=4)
+    with caplog.at_level(logging.INFO, logger="hgrn_megatron.pretrain.data.validation"):
+        out = build_validation_batches(short, tokenizer, S, 4, cache_dir=tmp_path)
+        build_validation_batches(short, tokenizer, S, 4, cache_dir=tmp_path)  # from the cache: the same line
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation:")]
+    assert out["source_names"] == [docs[0]] and len(lines) == 2 and lines[0] == lines[1]
+    assert f"4 samples from 1 documents of 1 sources ({docs[0]})" in lines[0] and "hold more documents" in lines[0]
+    caplog.clear()
+    whole = data_config(VAL, valid_shards=[VAL], valid_samples=10_000)
+    with caplog.at_level(logging.INFO, logger="hgrn_megatron.pretrain.data.validation"):
+        out = build_validation_batches(whole, tokenizer, S, 4)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation:")]
+    assert f"from {len(docs)} documents of {len(set(docs))} sources" in line and "hold more" not in line
+
+
+def test_the_quickstart_validates_on_every_source_of_its_validation_shard(tokenizer):
+    """configs/quickstart.yaml's validation shard holds its sources one after another; data.valid_samples must
+    reach the last of them, or val_loss is the loss of the first document only (32 samples: one Austen novel)."""
+    from pathlib import Path
+
+    from hgrn_megatron.pretrain.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "quickstart.yaml", [f"tokenizer.model={ASSETS / 'tokenizer'}"])
+    data = cfg.data.model_copy(update={
+        "valid_shards": [str(root / p) for p in cfg.data.valid_shards],
+        "train_shards": [str(root / p) for p in cfg.data.train_shards]})
+    shard_sources = {d.source for path in data.resolve_valid()
+                     for _, d in iter_documents(path, RecordParser(data.record_format()))}
+    out = build_validation_batches(data, tokenizer, cfg.model.seq_length, cfg.train.micro_batch_size)
+    used = {out["source_names"][i] for i in torch.cat([b["source_ids"] for b in out["batches"]]).unique().tolist()}
+    assert used == shard_sources and out["samples"] == data.valid_samples

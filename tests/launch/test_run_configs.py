@@ -45,3 +45,13 @@ def test_config_is_valid_at_its_stated_scale(path):
     assert cfg.grad_accumulation_steps(dp) == expected_accumulation
     assert cfg.model.preset == path.stem
     assert cfg.run_dir == f"runs/{path.stem}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_global_batch_takes_each_lane_once_at_most(path):
+    """Global sample j is a window of lane j mod L and a lane's samples are consecutive windows of its text:
+    with fewer lanes than samples per step, a step holds global_batch_size / L adjacent windows of each lane's
+    documents (64 lanes, 256 samples: 64 independent text streams per step, not 256)."""
+    cfg = load_config(path)
+    assert cfg.data.lanes >= cfg.train.global_batch_size, (
+        f"data.lanes ({cfg.data.lanes}) < train.global_batch_size ({cfg.train.global_batch_size})")
