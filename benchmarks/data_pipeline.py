@@ -48,19 +48,51 @@ def loading_cpu_s(loader) -> float:
     return own + sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in loader._procs)
 
 
-def pipeline_rate(cfg, tokenizer, seq_length: int, micro_batch: int, tokens_target: int) -> dict:
-    """Delivered tokens per second (wall clock) and per CPU second of all the loading processes, in steady state.
+class RecordingTokenizer:
+    """The tokenizer, noting every document the pipeline tokenizes while `recording` is set."""
 
-    The first `tokens_target` tokens are a warm-up: every lane starts by tokenizing a whole document of which it
-    delivers only a part at first (L lanes hold about L half-documents of tokens in flight), so the first pass
-    costs more than it delivers. In steady state a worker is `prefetch` samples ahead at the start and at the end
-    of the timed pass, so its CPU time over the pass is that of the samples taken.
+    def __init__(self, tokenizer):
+        self.tokenizer, self.sha256 = tokenizer, tokenizer.sha256
+        self.recording, self.texts = False, []
+
+    def encode_document_array(self, text: str):
+        if self.recording:
+            self.texts.append(text)
+        return self.tokenizer.encode_document_array(text)
+
+
+def window_documents(cfg, tokenizer, seq_length: int, micro_batch: int, steps: int) -> list[str]:
+    """The documents the pipeline tokenizes while it delivers micro-batches steps + 1 .. 2 * steps (the timed
+    window of `pipeline_rate`), in order: the baseline encodes exactly these. The sequence is the same for any
+    worker count; this replays it in this process.
+
+    They are not simply the shards' documents: with L lanes, the lanes read different units (or, with fewer units
+    than lanes, the same unit in different passes), so a window sees the parts of the corpus the lanes are at.
     """
     from hgrn_megatron.pretrain.data import TrainLoader
 
-    loader = TrainLoader(cfg, tokenizer, seq_length, micro_batch, 0, 1)
-    steps = max(1, tokens_target // (seq_length * micro_batch))
-    try:
+    recorder = RecordingTokenizer(tokenizer)
+    with TrainLoader(cfg.model_copy(update={"num_workers": 0}), recorder, seq_length, micro_batch, 0, 1) as loader:
+        for step in range(2 * steps):
+            recorder.recording = step >= steps
+            next(loader)
+    return recorder.texts
+
+
+def pipeline_rate(cfg, tokenizer, seq_length: int, micro_batch: int, steps: int, window_tokens: int) -> dict:
+    """Tokens per second (wall clock) and per CPU second of all the loading processes over a timed window.
+
+    The first `steps` micro-batches are a warm-up: every lane starts by tokenizing a whole document of which it
+    delivers only a part at first (L lanes hold about L half-documents of tokens in flight), so the start costs
+    more than it delivers. The next `steps` are timed. Rates count `window_tokens`, the tokens of the documents
+    the pipeline tokenizes in the window (`window_documents`), which the baseline encodes: both rates are then
+    of the same work, and their ratio is the baseline's CPU time over the pipeline's. (Delivered tokens differ
+    from them by the documents in flight at either end of the window.) A worker runs at most a message's worth
+    of samples ahead when it is the bottleneck, as here, so its CPU time over the window is that of the window.
+    """
+    from hgrn_megatron.pretrain.data import TrainLoader
+
+    with TrainLoader(cfg, tokenizer, seq_length, micro_batch, 0, 1) as loader:
         for _ in range(steps):
             next(loader)
         before = loader.stats()
@@ -69,13 +101,10 @@ def pipeline_rate(cfg, tokenizer, seq_length: int, micro_batch: int, tokens_targ
             next(loader)
         elapsed, cpu = time.perf_counter() - t0, loading_cpu_s(loader) - c0
         after = loader.stats()
-    finally:
-        loader.close()
-    tokens = steps * micro_batch * seq_length
-    return {"tokens_per_s": tokens / elapsed, "wait_s": after["wait_s"] - before["wait_s"], "elapsed_s": elapsed,
-            "tokens_per_cpu_s": tokens / cpu,
+    return {"tokens_per_s": window_tokens / elapsed, "wait_s": after["wait_s"] - before["wait_s"],
+            "elapsed_s": elapsed, "tokens_per_cpu_s": window_tokens / cpu,
             # the workers' own timer around producing each sample (no hand-over): what `stats()` reports
-            "tokens_per_produce_cpu_s": tokens / (after["loader_cpu_s"] - before["loader_cpu_s"])}
+            "tokens_per_produce_cpu_s": window_tokens / (after["loader_cpu_s"] - before["loader_cpu_s"])}
 
 
 def plain_zstd_cpu_s(paths, level: int) -> tuple[float, int]:
@@ -178,10 +207,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reshard:
         summary = reshard_benchmark(args.shards, args.rounds, args.rss_mb)
-        if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=1))
-        return 0
+    else:
+        summary = pipeline_benchmark(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return 0
 
+
+def pipeline_benchmark(args) -> dict:
     from hgrn_megatron.corpus.records import RecordParser, iter_documents
     from hgrn_megatron.corpus.shards import resolve_shards
     from hgrn_megatron.pretrain.data import DataConfig
@@ -189,12 +222,17 @@ def main(argv=None) -> int:
 
     tokenizer = Tokenizer.load(args.tokenizer)
     paths = resolve_shards([args.shards], field="--shards")
-    texts = [doc.text for p in paths for _, doc in iter_documents(p, RecordParser())]
-    chars = sum(map(len, texts))
-    print(f"{len(paths)} shards, {len(texts)} documents, {chars / 1e6:.1f} M characters; tokenizer "
-          f"{tokenizer.vocab_size} pieces; seq {args.seq_length} x micro-batch {args.micro_batch}; "
-          f"{args.lanes} lanes; {os.cpu_count()} CPUs")
-    pass_tokens = int(chars / 3.2)  # about one pass at ~3.2 characters per token
+    chars = sum(len(doc.text) for p in paths for _, doc in iter_documents(p, RecordParser()))
+    # The timed window: about one pass's worth of tokens (at ~3.2 characters per token), after as many to warm up.
+    steps = max(1, int(chars / 3.2) // (args.seq_length * args.micro_batch))
+    cfg = DataConfig.build({"train_shards": [args.shards], "lanes": args.lanes, "num_workers": 0})
+    texts = window_documents(cfg, tokenizer, args.seq_length, args.micro_batch, steps)
+    window_tokens = steps * args.seq_length * args.micro_batch
+    encoded = sum(len(tokenizer.encode_document_array(t)) for t in texts)
+    print(f"{len(paths)} shards, {chars / 1e6:.1f} M characters; tokenizer {tokenizer.vocab_size} pieces; seq "
+          f"{args.seq_length} x micro-batch {args.micro_batch}; {args.lanes} lanes; {os.cpu_count()} CPUs; timed "
+          f"window: {window_tokens / 1e6:.2f} M tokens delivered, {len(texts)} documents ({len(set(texts))} distinct) "
+          f"of {encoded / 1e6:.2f} M tokens tokenized; the baseline encodes those documents")
     # Two baselines: "raw", the cheapest way to have SentencePiece encode a document (ids into an int32 array,
     # EOS added by SentencePiece: what the pipeline calls), and "raw_list", ids as a Python list then EOS appended
     # (`encode_document`, the call form of earlier figures, which costs more per token).
@@ -204,39 +242,41 @@ def main(argv=None) -> int:
         for name, encode in baselines.items():
             results[name].append(raw_encode_rate(encode, texts))
         for workers in args.workers:
-            cfg = DataConfig.build({"train_shards": [args.shards], "lanes": args.lanes, "num_workers": workers})
-            results[workers].append(pipeline_rate(cfg, tokenizer, args.seq_length, args.micro_batch, pass_tokens))
+            cfg_w = cfg.model_copy(update={"num_workers": workers})
+            results[workers].append(pipeline_rate(cfg_w, tokenizer, args.seq_length, args.micro_batch, steps, encoded))
         raw = results["raw"][-1]
         print(f"round {r + 1}: raw {raw['tokens_per_s'] / 1e3:.0f}k tok/s, {raw['tokens_per_cpu_s'] / 1e3:.0f}k per "
               f"CPU s (list form {results['raw_list'][-1]['tokens_per_cpu_s'] / 1e3:.0f}k); pipeline " + ", ".join(
                   f"{w} workers {results[w][-1]['tokens_per_s'] / 1e3:.0f}k, "
                   f"{results[w][-1]['tokens_per_cpu_s'] / 1e3:.0f}k per CPU s "
                   f"({results[w][-1]['tokens_per_cpu_s'] / raw['tokens_per_cpu_s']:.2f}x)" for w in args.workers))
-
-    summary = {}
-    for name in baselines:
-        summary[f"{name}_encode_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in results[name])
-        summary[f"{name}_encode_tokens_per_cpu_s"] = statistics.median(r["tokens_per_cpu_s"] for r in results[name])
-    for w in args.workers:
-        summary[f"pipeline_{w}w_tokens_per_s"] = statistics.median(p["tokens_per_s"] for p in results[w])
-        # Each round's pipeline against the same round's baseline: load that varies between rounds hits both.
-        for key, base, name in (("tokens_per_s", "raw", "wall"), ("tokens_per_cpu_s", "raw", "cpu"),
-                                ("tokens_per_cpu_s", "raw_list", "cpu_vs_list"),
-                                ("tokens_per_produce_cpu_s", "raw", "produce_cpu")):
-            ratios = [p[key] / raw[key if name == "wall" else "tokens_per_cpu_s"]
-                      for p, raw in zip(results[w], results[base])]
-            summary[f"ratio_{w}w_over_raw_{name}"] = statistics.median(ratios)
-            summary[f"ratio_{w}w_over_raw_{name}_min"] = min(ratios)
-            summary[f"ratio_{w}w_over_raw_{name}_rounds"] = [round(r, 3) for r in ratios]
+    summary = summarize(results, baselines, args.workers)
     print(json.dumps(summary, indent=1))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if 1 in args.workers:
         print(f"pipeline (1 worker) / raw encode per CPU second of all loading processes: median "
               f"{summary['ratio_1w_over_raw_cpu']:.2f}, min {summary['ratio_1w_over_raw_cpu_min']:.2f} "
               f"(goal >= 0.85); wall clock {summary['ratio_1w_over_raw_wall']:.2f}; load average {load:.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    return 0
+    return summary
+
+
+def summarize(results: dict, baselines, workers) -> dict:
+    summary = {}
+    for name in baselines:
+        summary[f"{name}_encode_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in results[name])
+        summary[f"{name}_encode_tokens_per_cpu_s"] = statistics.median(r["tokens_per_cpu_s"] for r in results[name])
+    for w in workers:
+        summary[f"pipeline_{w}w_tokens_per_s"] = statistics.median(p["tokens_per_s"] for p in results[w])
+        # Each round's pipeline against the same round's baseline: load that varies between rounds hits both.
+        for key, base, name in (("tokens_per_s", "raw", "wall"), ("tokens_per_cpu_s", "raw", "cpu"),
+                                ("tokens_per_cpu_s", "raw_list", "cpu_vs_list"),
+                                ("tokens_per_produce_cpu_s", "raw", "produce_cpu")):
+            ratios = [p[key] / raw["tokens_per_s" if name == "wall" else "tokens_per_cpu_s"]
+                      for p, raw in zip(results[w], results[base])]
+            summary[f"ratio_{w}w_over_raw_{name}"] = statistics.median(ratios)
+            summary[f"ratio_{w}w_over_raw_{name}_min"] = min(ratios)
+            summary[f"ratio_{w}w_over_raw_{name}_rounds"] = [round(r, 3) for r in ratios]
+    return summary
 
 
 if __name__ == "__main__":
