@@ -2,12 +2,15 @@
 
     python benchmarks/data_pipeline.py [--shards 'DIR/*.jsonl.zst'] [--tokenizer DIR] [--seq-length 2048]
 
-Baseline: `encode` of every document of the shards, one at a time on one thread (the documents already in
-memory), in tokens per second. Pipeline: a `TrainLoader` (DP 1) with 0, 1 and 2 background workers, consuming
-samples until one pass's worth of tokens has been delivered, in delivered tokens per second; the pipeline pays
-for decompression, JSON parsing, packing and the hand-over to the training process on top of the encoding.
-Rounds alternate baseline and pipeline so that machine noise hits both; the median ratio is reported. Defaults
-use the sample and tokenizer that ship in tests/assets.
+A `TrainLoader` (DP 1) with 0, 1 and 2 background workers against raw SentencePiece encoding of exactly the
+documents the loader tokenizes while it delivers a timed window of one pass's worth of tokens (after as many to
+warm up), one at a time on one thread, already in memory. The baseline is the cheapest call: ids written by
+SentencePiece into an int32 array, EOS included (`Tokenizer.encode_document_array`); the list form
+(`encode_document`) is reported beside it. The pipeline's cost is the CPU time of every process that loads: the
+workers (decompression, JSON parsing, encoding, packing, pickling and sending) and the trainer (receiving,
+unpickling, collating). Within a round the baseline and the pipeline alternate in `--slices` slices over the
+same documents, so that load from other jobs weighs on both alike; each round starts a fresh loader; the median
+and minimum ratio over `--rounds` rounds are reported. Defaults use the sample and tokenizer in tests/assets.
 
     python benchmarks/data_pipeline.py --reshard [--shards ...] [--rss-mb 200]
 
@@ -28,83 +31,85 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def raw_encode_rate(encode, texts: list[str]) -> dict:
-    """Tokens per second of `encode` (a document's ids, EOS included, as the pipeline packs them) over `texts`."""
+def raw_encode_cpu_s(encode, texts: list[str]) -> tuple[float, float, int]:
+    """(CPU seconds, wall seconds, tokens) of `encode` (a document's ids, EOS included) over `texts`."""
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for text in texts:
         n += len(encode(text))
-    return {"tokens_per_s": n / (time.perf_counter() - t0), "tokens_per_cpu_s": n / (time.process_time() - c0)}
+    return time.process_time() - c0, time.perf_counter() - t0, n
 
 
-def loading_cpu_s(loader) -> float:
-    """CPU seconds (user + system) used so far by every process that loads: this one (which receives, unpickles
-    and collates, or does everything with 0 workers) and each worker process (whose pickling and sending a
-    per-sample timer inside the worker would miss). Process CPU time does not count the time a process waits for
-    a core, so the figure holds on a machine busy with other work."""
+def workers_cpu_s(loader) -> float:
+    """CPU seconds (user + system) used so far by the loader's worker processes: a timer inside a worker would
+    miss its pickling and sending. Process CPU time leaves out the time a process waits for a core."""
     import psutil
 
-    own = time.process_time()
-    return own + sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in loader._procs)
+    return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in loader._procs)
 
 
 class RecordingTokenizer:
-    """The tokenizer, noting every document the pipeline tokenizes while `recording` is set."""
+    """The tokenizer, noting which documents the pipeline tokenizes for each micro-batch while `step` is set."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.sha256 = tokenizer, tokenizer.sha256
-        self.recording, self.texts = False, []
+        self.step, self.texts = None, {}
 
     def encode_document_array(self, text: str):
-        if self.recording:
-            self.texts.append(text)
+        if self.step is not None:
+            self.texts.setdefault(self.step, []).append(text)
         return self.tokenizer.encode_document_array(text)
 
 
-def window_documents(cfg, tokenizer, seq_length: int, micro_batch: int, steps: int) -> list[str]:
-    """The documents the pipeline tokenizes while it delivers micro-batches steps + 1 .. 2 * steps (the timed
-    window of `pipeline_rate`), in order: the baseline encodes exactly these. The sequence is the same for any
-    worker count; this replays it in this process.
-
-    They are not simply the shards' documents: with L lanes, the lanes read different units (or, with fewer units
-    than lanes, the same unit in different passes), so a window sees the parts of the corpus the lanes are at.
-    """
+def window_documents(cfg, tokenizer, seq_length: int, micro_batch: int, steps: int) -> list[list[str]]:
+    """For each micro-batch steps + 1 .. 2 * steps (the timed window), the documents the pipeline tokenizes to
+    deliver it, in order: the baseline encodes exactly these. The sequence is the same for any worker count; this
+    replays it in this process. They are not simply the shards' documents: with L lanes, the lanes read different
+    units (or, with fewer units than lanes, the same unit in different passes)."""
     from hgrn_megatron.pretrain.data import TrainLoader
 
     recorder = RecordingTokenizer(tokenizer)
     with TrainLoader(cfg.model_copy(update={"num_workers": 0}), recorder, seq_length, micro_batch, 0, 1) as loader:
         for step in range(2 * steps):
-            recorder.recording = step >= steps
+            recorder.step = step - steps if step >= steps else None
             next(loader)
-    return recorder.texts
+    return [recorder.texts.get(step, []) for step in range(steps)]
 
 
-def pipeline_rate(cfg, tokenizer, seq_length: int, micro_batch: int, steps: int, window_tokens: int) -> dict:
-    """Tokens per second (wall clock) and per CPU second of all the loading processes over a timed window.
+def interleaved_round(cfg, tokenizer, seq_length: int, micro_batch: int, docs: list[list[str]],
+                      slices: int) -> dict:
+    """One round: a fresh loader warmed up for len(docs) micro-batches, then the timed window in `slices` slices,
+    each slice the baseline encoding the slice's documents and then the pipeline delivering the slice's
+    micro-batches, so that whatever else the machine runs weighs on both alike.
 
-    The first `steps` micro-batches are a warm-up: every lane starts by tokenizing a whole document of which it
-    delivers only a part at first (L lanes hold about L half-documents of tokens in flight), so the start costs
-    more than it delivers. The next `steps` are timed. Rates count `window_tokens`, the tokens of the documents
-    the pipeline tokenizes in the window (`window_documents`), which the baseline encodes: both rates are then
-    of the same work, and their ratio is the baseline's CPU time over the pipeline's. (Delivered tokens differ
-    from them by the documents in flight at either end of the window.) A worker runs at most a message's worth
-    of samples ahead when it is the bottleneck, as here, so its CPU time over the window is that of the window.
+    The warm-up: every lane starts by tokenizing a whole document of which it delivers only a part at first
+    (L lanes hold about L half-documents of tokens in flight), so the start costs more than it delivers. Both
+    sides count the tokens of the window's documents: the ratio of rates is the baseline's CPU time over the
+    pipeline's for the same documents. The pipeline's CPU is this process's during its slices (receiving,
+    unpickling, collating; everything with 0 workers) plus the workers' over the whole window: a worker, the
+    bottleneck here, runs at most a message's worth of samples ahead of the trainer at either end of it.
     """
     from hgrn_megatron.pretrain.data import TrainLoader
 
+    steps = len(docs)
+    bounds = [round(k * steps / slices) for k in range(slices + 1)]
+    raw_cpu = raw_wall = pipe_cpu = pipe_wall = 0.0
     with TrainLoader(cfg, tokenizer, seq_length, micro_batch, 0, 1) as loader:
         for _ in range(steps):
             next(loader)
-        before = loader.stats()
-        t0, c0 = time.perf_counter(), loading_cpu_s(loader)
-        for _ in range(steps):
-            next(loader)
-        elapsed, cpu = time.perf_counter() - t0, loading_cpu_s(loader) - c0
-        after = loader.stats()
-    return {"tokens_per_s": window_tokens / elapsed, "wait_s": after["wait_s"] - before["wait_s"],
-            "elapsed_s": elapsed, "tokens_per_cpu_s": window_tokens / cpu,
-            # the workers' own timer around producing each sample (no hand-over): what `stats()` reports
-            "tokens_per_produce_cpu_s": window_tokens / (after["loader_cpu_s"] - before["loader_cpu_s"])}
+        workers0 = workers_cpu_s(loader)
+        for lo, hi in zip(bounds, bounds[1:]):
+            cpu, wall, _ = raw_encode_cpu_s(tokenizer.encode_document_array, [t for d in docs[lo:hi] for t in d])
+            raw_cpu, raw_wall = raw_cpu + cpu, raw_wall + wall
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(lo, hi):
+                next(loader)
+            pipe_cpu, pipe_wall = pipe_cpu + time.process_time() - c0, pipe_wall + time.perf_counter() - t0
+        pipe_cpu += workers_cpu_s(loader) - workers0
+    tokens = sum(len(tokenizer.encode_document_array(t)) for d in docs for t in d)
+    return {"raw_tokens_per_cpu_s": tokens / raw_cpu, "raw_tokens_per_s": tokens / raw_wall,
+            "tokens_per_cpu_s": tokens / pipe_cpu, "tokens_per_s": tokens / pipe_wall,
+            "ratio_cpu": raw_cpu / pipe_cpu, "ratio_wall": raw_wall / pipe_wall}
 
 
 def plain_zstd_cpu_s(paths, level: int) -> tuple[float, int]:
@@ -199,7 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--lanes", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--slices", type=int, default=10, help="baseline and pipeline alternate this often per round")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", help="write the results here as JSON")
     ap.add_argument("--reshard", action="store_true", help="measure `hgrn-data reshard` instead (see above)")
@@ -226,56 +232,48 @@ def pipeline_benchmark(args) -> dict:
     # The timed window: about one pass's worth of tokens (at ~3.2 characters per token), after as many to warm up.
     steps = max(1, int(chars / 3.2) // (args.seq_length * args.micro_batch))
     cfg = DataConfig.build({"train_shards": [args.shards], "lanes": args.lanes, "num_workers": 0})
-    texts = window_documents(cfg, tokenizer, args.seq_length, args.micro_batch, steps)
-    window_tokens = steps * args.seq_length * args.micro_batch
-    encoded = sum(len(tokenizer.encode_document_array(t)) for t in texts)
+    docs = window_documents(cfg, tokenizer, args.seq_length, args.micro_batch, steps)
+    texts = [t for d in docs for t in d]
     print(f"{len(paths)} shards, {chars / 1e6:.1f} M characters; tokenizer {tokenizer.vocab_size} pieces; seq "
           f"{args.seq_length} x micro-batch {args.micro_batch}; {args.lanes} lanes; {os.cpu_count()} CPUs; timed "
-          f"window: {window_tokens / 1e6:.2f} M tokens delivered, {len(texts)} documents ({len(set(texts))} distinct) "
-          f"of {encoded / 1e6:.2f} M tokens tokenized; the baseline encodes those documents")
-    # Two baselines: "raw", the cheapest way to have SentencePiece encode a document (ids into an int32 array,
-    # EOS added by SentencePiece: what the pipeline calls), and "raw_list", ids as a Python list then EOS appended
-    # (`encode_document`, the call form of earlier figures, which costs more per token).
-    baselines = {"raw": tokenizer.encode_document_array, "raw_list": tokenizer.encode_document}
-    results = {**{b: [] for b in baselines}, **{w: [] for w in args.workers}}
+          f"window: {steps * args.seq_length * args.micro_batch / 1e6:.2f} M tokens delivered, {len(texts)} "
+          f"documents ({len(set(texts))} distinct) tokenized, which the baseline encodes; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    results = {"list_over_array": [], **{w: [] for w in args.workers}}
     for r in range(args.rounds):
-        for name, encode in baselines.items():
-            results[name].append(raw_encode_rate(encode, texts))
-        for workers in args.workers:
-            cfg_w = cfg.model_copy(update={"num_workers": workers})
-            results[workers].append(pipeline_rate(cfg_w, tokenizer, args.seq_length, args.micro_batch, steps, encoded))
-        raw = results["raw"][-1]
-        print(f"round {r + 1}: raw {raw['tokens_per_s'] / 1e3:.0f}k tok/s, {raw['tokens_per_cpu_s'] / 1e3:.0f}k per "
-              f"CPU s (list form {results['raw_list'][-1]['tokens_per_cpu_s'] / 1e3:.0f}k); pipeline " + ", ".join(
-                  f"{w} workers {results[w][-1]['tokens_per_s'] / 1e3:.0f}k, "
-                  f"{results[w][-1]['tokens_per_cpu_s'] / 1e3:.0f}k per CPU s "
-                  f"({results[w][-1]['tokens_per_cpu_s'] / raw['tokens_per_cpu_s']:.2f}x)" for w in args.workers))
-    summary = summarize(results, baselines, args.workers)
+        # Ids as a Python list then EOS appended (`encode_document`, the call form of earlier figures) against
+        # ids written by SentencePiece into an int32 array with EOS (the baseline: what the pipeline calls).
+        results["list_over_array"].append(raw_encode_cpu_s(tokenizer.encode_document_array, texts)[0]
+                                          / raw_encode_cpu_s(tokenizer.encode_document, texts)[0])
+        for w in args.workers:
+            cfg_w = cfg.model_copy(update={"num_workers": w})
+            results[w].append(interleaved_round(cfg_w, tokenizer, args.seq_length, args.micro_batch, docs,
+                                                args.slices))
+        print(f"round {r + 1}: " + "; ".join(
+            f"{w} workers: {results[w][-1]['tokens_per_cpu_s'] / 1e3:.0f}k tok per CPU s, raw "
+            f"{results[w][-1]['raw_tokens_per_cpu_s'] / 1e3:.0f}k, ratio {results[w][-1]['ratio_cpu']:.3f} "
+            f"(wall {results[w][-1]['ratio_wall']:.2f})" for w in args.workers)
+            + f"; load average {os.getloadavg()[0]:.1f}")
+    summary = summarize(results, args.workers)
     print(json.dumps(summary, indent=1))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if 1 in args.workers:
         print(f"pipeline (1 worker) / raw encode per CPU second of all loading processes: median "
-              f"{summary['ratio_1w_over_raw_cpu']:.2f}, min {summary['ratio_1w_over_raw_cpu_min']:.2f} "
-              f"(goal >= 0.85); wall clock {summary['ratio_1w_over_raw_wall']:.2f}; load average {load:.1f}")
+              f"{summary['ratio_1w_cpu']:.3f}, min {summary['ratio_1w_cpu_min']:.3f} (goal >= 0.85)")
     return summary
 
 
-def summarize(results: dict, baselines, workers) -> dict:
-    summary = {}
-    for name in baselines:
-        summary[f"{name}_encode_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in results[name])
-        summary[f"{name}_encode_tokens_per_cpu_s"] = statistics.median(r["tokens_per_cpu_s"] for r in results[name])
+def summarize(results: dict, workers) -> dict:
+    summary = {"raw_list_form_rate_over_array_form": statistics.median(results["list_over_array"])}
     for w in workers:
-        summary[f"pipeline_{w}w_tokens_per_s"] = statistics.median(p["tokens_per_s"] for p in results[w])
-        # Each round's pipeline against the same round's baseline: load that varies between rounds hits both.
-        for key, base, name in (("tokens_per_s", "raw", "wall"), ("tokens_per_cpu_s", "raw", "cpu"),
-                                ("tokens_per_cpu_s", "raw_list", "cpu_vs_list"),
-                                ("tokens_per_produce_cpu_s", "raw", "produce_cpu")):
-            ratios = [p[key] / raw["tokens_per_s" if name == "wall" else "tokens_per_cpu_s"]
-                      for p, raw in zip(results[w], results[base])]
-            summary[f"ratio_{w}w_over_raw_{name}"] = statistics.median(ratios)
-            summary[f"ratio_{w}w_over_raw_{name}_min"] = min(ratios)
-            summary[f"ratio_{w}w_over_raw_{name}_rounds"] = [round(r, 3) for r in ratios]
+        rounds = results[w]
+        summary[f"raw_{w}w_tokens_per_cpu_s"] = statistics.median(r["raw_tokens_per_cpu_s"] for r in rounds)
+        summary[f"pipeline_{w}w_tokens_per_cpu_s"] = statistics.median(r["tokens_per_cpu_s"] for r in rounds)
+        summary[f"pipeline_{w}w_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rounds)
+        for name in ("cpu", "wall"):
+            ratios = [r[f"ratio_{name}"] for r in rounds]
+            summary[f"ratio_{w}w_{name}"] = statistics.median(ratios)
+            summary[f"ratio_{w}w_{name}_min"] = min(ratios)
+            summary[f"ratio_{w}w_{name}_rounds"] = [round(x, 3) for x in ratios]
     return summary
 
 
