@@ -165,8 +165,8 @@ class Tokenizer:
         """`encode_document` as a read-only int32 array, which is how the training pipeline holds a document.
 
         SentencePiece writes the ids (EOS included) into one buffer when it can (sentencepiece's `numpy` output):
-        no Python int per token, no list to convert; about 8 % less CPU per document than `encode_document`
-        followed by a conversion (docs/BENCHMARKS.md, data pipeline).
+        no Python int per token, no list to convert: about 5 % less CPU per document than `encode_document`
+        followed by a conversion to an array (docs/BENCHMARKS.md, data pipeline).
         """
         if self._ids_as_array:
             return self._sp.encode(text, out_type="numpy", add_eos=True)
