@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 QUEUE_POLL_S = 0.5
 CLOSE_GRACE_S = 2.0
 # Samples a worker hands over in one message at most. Each message costs both processes a pickle, a pipe write
-# and read and a wake-up, about as much as 5 % of producing a sample of 2,048 tokens; a worker with room
-# (credits) to spare fills a message before sending it, and sends what it holds whenever it runs out of room.
+# and read and a wake-up: about 100 us of CPU together, a tenth of producing a sample of 2,048 tokens (measured,
+# docs/BENCHMARKS.md). A worker with room (credits) to spare fills a message before sending it, and sends what
+# it holds whenever it runs out of room.
 SAMPLES_PER_MESSAGE = 16
 
 
