@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from hgrn_megatron.pretrain.data import DataError, TrainLoader
-from hgrn_megatron.pretrain.data.loader import SAMPLES_PER_MESSAGE, build_packing_spec
+from hgrn_megatron.pretrain.data.loader import build_packing_spec
 from hgrn_megatron.pretrain.data.packing import LaneGroup, fresh_lane_state
+from hgrn_megatron.pretrain.data.worker import SAMPLES_PER_MESSAGE
 from tests.data.data_harness import data_config, record, run_ranks, write_corpus, write_zst
 
 
