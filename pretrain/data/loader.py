@@ -4,8 +4,9 @@ Rank r of a data-parallel group of size DP takes global samples J + r, J + r + D
 resumed; see `packing.py` for the global order). Those samples come from lanes `rank_lanes(...)` only; the rank's
 lanes are dealt to workers round-robin (worker w gets the rank's lanes w, w + W, ...), so each lane lives in
 exactly one worker and each worker reads the shards once for all its lanes. A worker produces the samples of its
-lanes in the rank's order and sends them through its own pipe, at most `prefetch` ahead (credits: the trainer
-returns one per sample taken); the trainer takes sample j from the worker owning lane `j mod L`.
+lanes in the rank's order and sends them through its own pipe, several to a message (`worker.SAMPLES_PER_MESSAGE`;
+fewer when it runs out of room), at most `prefetch` ahead (credits: the trainer returns one per sample taken); the
+trainer takes sample j from the worker owning lane `j mod L`.
 
 Exact state with prefetch: every sample arrives with its lane's snapshot after that sample (position, token
 offset, samples produced) and the lane's counter increments since its previous sample. The trainer side applies
@@ -19,11 +20,9 @@ import logging
 import multiprocessing
 import os
 import pickle
-import signal
 import time
-import traceback
-from collections import Counter
-from typing import Any, NamedTuple
+from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -41,33 +40,17 @@ from .state import (
     initial_global_state,
     rank_lanes,
 )
+from .worker import (
+    CLOSE_GRACE_S,
+    QUEUE_POLL_S,
+    SampleGroup,
+    WorkerError,
+    WorkerSample,
+    produce_sample,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
-
-QUEUE_POLL_S = 0.5
-CLOSE_GRACE_S = 2.0
-
-
-class WorkerSample(NamedTuple):
-    """What a worker sends per sample: the sample, its lane's state after it, and the worker's costs."""
-
-    index: int  # global sample index j
-    tokens: np.ndarray  # int32 [S+1]
-    doc_start: np.ndarray  # bool [S+1]
-    snapshot: dict  # the lane's state after this sample (packing.Lane.snapshot)
-    counts: Counter  # the lane's counter increments since its previous sample
-    busy_s: float  # wall seconds spent producing it
-    cpu_s: float  # CPU seconds spent producing it
-    readers: int  # shard readers open in the worker
-    io: tuple  # the worker's reading costs so far (packing.IO_KEYS)
-
-
-class WorkerError(NamedTuple):
-    """What a failing worker sends instead (a DataError stays a DataError in the trainer)."""
-
-    is_data_error: bool
-    message: str
-    traceback: str
 
 
 def check_data_state(cfg: DataConfig, tokenizer, seq_length: int, state: dict) -> None:
@@ -90,61 +73,6 @@ def build_packing_spec(cfg: DataConfig, seq_length: int) -> PackingSpec:
         record_format=cfg.record_format(),
         warn_limit=cfg.warn_limit,
     )
-
-
-def rank_samples(start: int, dp_rank: int, dp_size: int):
-    """Global sample indices of one rank, in order: start + dp_rank, start + dp_rank + dp_size, ..."""
-    j = start + dp_rank
-    while True:
-        yield j
-        j += dp_size
-
-
-def produce_sample(group: LaneGroup, j: int) -> WorkerSample:
-    """Global sample j from the group holding its lane, with the lane's state and what producing it cost."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    lane = j % group.spec.lanes
-    tokens, doc_start, snapshot, delta = group.produce(lane, j // group.spec.lanes)
-    return WorkerSample(j, tokens, doc_start, snapshot, delta.counts, time.perf_counter() - t0,
-                        time.process_time() - c0, group.num_readers(), group.io.as_tuple())
-
-
-def _send(conn, credits, item, stop, parent_pid) -> bool:
-    """Wait for a credit (the trainer's room for one more sample), then send; False when told to stop."""
-    while not credits.acquire(timeout=QUEUE_POLL_S):
-        if stop.is_set() or os.getppid() != parent_pid:
-            return False
-    if stop.is_set():  # close() hands out a credit to wake us up
-        return False
-    try:
-        conn.send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
-    except OSError:  # the trainer closed its end: it is shutting down
-        return False
-    return True
-
-
-def _worker_main(worker, spec, lane_states, tokenizer, start, dp_rank, dp_size, conn, credits, stop, parent_pid,
-                 trainer_ends):
-    """Loader worker: produce this worker's lanes' samples in the rank's order, `prefetch` ahead at most."""
-    for end in trainer_ends:  # inherited copies of the trainer's read ends: without them, a closed trainer end
-        end.close()  # makes our send fail instead of block
-    # Ctrl-C and preemption signals (SLURM sends SIGTERM/SIGUSR1 to every process of the job) are for the trainer,
-    # which may still need samples to finish its step and checkpoint; it closes us when done.
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    try:
-        group = LaneGroup(spec, lane_states, tokenizer)
-        mine = set(group.lanes)
-        for j in rank_samples(start, dp_rank, dp_size):
-            if j % spec.lanes in mine and not _send(conn, credits, produce_sample(group, j), stop, parent_pid):
-                return
-    except BaseException as err:  # noqa: BLE001 - report everything to the trainer
-        credits.release()  # an error report never waits for room
-        _send(conn, credits, WorkerError(isinstance(err, DataError), f"{type(err).__name__}: {err}",
-                                         traceback.format_exc()), stop, parent_pid)
-    finally:
-        conn.close()
 
 
 class TrainLoader:
@@ -196,6 +124,7 @@ class TrainLoader:
         self._io = [(0,) * len(IO_KEYS) for _ in range(max(W, 1))]
         self._owner = {lane: i % max(W, 1) for i, lane in enumerate(self.lanes)}
         self._procs, self._conns, self._credits = [], [], []
+        self._ready = [deque() for _ in range(W)]  # samples received from each worker, not yet taken
         if W == 0:
             self._group = LaneGroup(self.spec, [self._snapshots[lane] for lane in self.lanes], tokenizer)
             return
@@ -208,7 +137,7 @@ class TrainLoader:
             self._conns.append(reader)
             mine = [self._snapshots[lane] for lane in self.lanes[w::W]]
             p = ctx.Process(
-                target=_worker_main,
+                target=worker_main,
                 args=(w, self.spec, mine, tokenizer, self.start_sample, dp_rank, dp_size, writer, self._credits[w],
                       self._stop, os.getpid(), list(self._conns)),
                 name=f"data-worker-{dp_rank}-{w}",
@@ -219,7 +148,7 @@ class TrainLoader:
             # instead of waiting forever.
             writer.close()
             self._procs.append(p)
-        # Workers ignore SIGTERM (see _worker_main), and multiprocessing's exit handler terminates daemon children
+        # Workers ignore SIGTERM (see worker_main), and multiprocessing's exit handler terminates daemon children
         # with SIGTERM before joining them: a loader never closed would keep the process from exiting. This
         # handler runs first (exit handlers run last-registered first).
         atexit.register(self.close)
@@ -248,11 +177,19 @@ class TrainLoader:
         self._readers[w] = sample.readers
         self._io[w] = sample.io
         self._snapshots[lane] = sample.snapshot
-        self._counters[lane].counts.update(sample.counts)
+        if sample.counts:
+            self._counters[lane].counts.update(sample.counts)
         self._consumed += 1
         return sample.tokens, sample.doc_start
 
     def _get(self, w: int) -> WorkerSample:
+        ready = self._ready[w]
+        if not ready:
+            ready.extend(self._receive(w).unpack())
+        self._credits[w].release()
+        return ready.popleft()
+
+    def _receive(self, w: int) -> SampleGroup:
         conn, proc = self._conns[w], self._procs[w]
         try:
             while not conn.poll(QUEUE_POLL_S):
@@ -263,7 +200,6 @@ class TrainLoader:
             proc.join(timeout=QUEUE_POLL_S)
             self.close()
             raise RuntimeError(f"data worker {w} ({proc.name}) died with exit code {proc.exitcode}") from None
-        self._credits[w].release()
         if isinstance(item, WorkerError):
             self.close()
             if item.is_data_error:

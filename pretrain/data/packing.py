@@ -16,6 +16,7 @@ each lane with its own reader over its own units, and counts what the worker rea
 from __future__ import annotations
 
 import logging
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -90,7 +91,10 @@ class IoCounters:
         self.seek_decompressed_bytes += n
 
     def as_tuple(self) -> tuple[int, ...]:
-        return tuple(getattr(self, key) for key in IO_KEYS)
+        return _io_counts(self)
+
+
+_io_counts = operator.attrgetter(*IO_KEYS)  # an IoCounters' counts in IO_KEYS order (once per sample: kept cheap)
 
 
 def fresh_lane_state(lane: int) -> dict:
@@ -125,16 +129,12 @@ class Lane:
             if self.restoring:
                 self._restore(pos, item, shard)
                 return
-            # Counted in epochs: when the heaviest source is not in the heaviest shard group, the last passes of
-            # each epoch (ceil(max group weight x max source weight) of them) include no record at all. A lane
-            # reads about U / L units per pass (one, shared with other lanes, when units are fewer than lanes).
-            passes = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
-            units_limit = passes * -(-len(spec.units) // self.unit_stride)
-            if (pos.ordinal - self.doc_unit) // self.unit_stride >= units_limit:
+            if (pos.ordinal - self.doc_unit) // self.unit_stride >= g.units_without_document:
                 raise DataError(
-                    f"packing lane {self.index} found no usable document in {passes} passes' worth of its units "
-                    f"over {len(spec.paths)} shards (too few good records for {spec.lanes} lanes, or mixture "
-                    f"weights near 0?); use fewer data.lanes or check the shards with `hgrn-data verify`"
+                    f"packing lane {self.index} found no usable document in {g.passes_without_document} passes' "
+                    f"worth of its units over {len(spec.paths)} shards (too few good records for {spec.lanes} "
+                    f"lanes, or mixture weights near 0?); use fewer data.lanes or check the shards with "
+                    f"`hgrn-data verify`"
                 )
             if isinstance(item, StreamFault):
                 self.delta.add_skip(item.kind, name, UNKNOWN_SOURCE)
@@ -232,10 +232,17 @@ class LaneGroup:
         self.spec = spec
         self.parser = RecordParser(spec.record_format)
         self.warner = SkipWarner(spec.warn_limit)
-        self._encode_document = tokenizer.encode_document
+        self._encode_document = tokenizer.encode_document_array
         self.io = IoCounters()
         self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
         units = spec.units
+        # How far a lane reads without a usable document before it gives up, counted in epochs: when the heaviest
+        # source is not in the heaviest shard group, the last passes of each epoch (ceil(max group weight x max
+        # source weight) of them) include no record at all. A lane reads about U / L units per pass (one, shared
+        # with other lanes, when units are fewer than lanes).
+        self.passes_without_document = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
+        stride = LaneShare.of(0, spec.lanes, len(units)).stride
+        self.units_without_document = self.passes_without_document * -(-len(units) // stride)
         if len(units) < spec.lanes and self.lanes and min(self.lanes) == 0:
             log.warning("%d units of data (frames of indexed shards, whole shards otherwise) for %d lanes: about %.0f "
                         "lanes share each unit, each decompressing all of it to take its share of the records; "
@@ -250,8 +257,7 @@ class LaneGroup:
 
     def encode(self, text: str) -> np.ndarray:
         self.io.documents_tokenized += 1
-        ids = self._encode_document(text)
-        return np.fromiter(ids, dtype=np.int32, count=len(ids))  # a fifth cheaper than np.asarray on a list
+        return self._encode_document(text)
 
     def next_record(self, lane: int) -> tuple[Position, bytes | OversizedLine | StreamFault, int]:
         """The next record of `lane`'s units."""

@@ -9,10 +9,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from hgrn_megatron.pretrain.data import DataError, TrainLoader
 from hgrn_megatron.pretrain.data.loader import build_packing_spec
 from hgrn_megatron.pretrain.data.packing import LaneGroup, fresh_lane_state
+from hgrn_megatron.pretrain.data.worker import SAMPLES_PER_MESSAGE
 from tests.data.data_harness import data_config, record, run_ranks, write_corpus, write_zst
 
 
@@ -140,3 +142,50 @@ def test_workers_survive_the_preemption_signals_meant_for_the_trainer(corpus, to
         loader.close()
     assert not any(p.is_alive() for p in loader._procs)
     assert np.array_equal(np.stack(got), ref)
+
+
+@pytest.mark.parametrize("prefetch", [1, 3, 32])
+def test_samples_sent_several_to_a_message_arrive_as_loaded_in_process(corpus, tokenizer, prefetch):
+    """A worker hands over up to SAMPLES_PER_MESSAGE samples per message, fewer when the trainer's room
+    (`prefetch`) runs out first: batches, the state after every step and the reading counters are exactly those
+    of loading in the training process."""
+    assert 1 < SAMPLES_PER_MESSAGE < 32  # both regimes: messages cut short by the room left, and full ones
+    cfg = data_config(corpus["glob"], prefetch=prefetch)
+    ref = TrainLoader(cfg, tokenizer, 24, 3, 0, 1)
+    got = TrainLoader(cfg.model_copy(update={"num_workers": 2}), tokenizer, 24, 3, 0, 1)
+    try:
+        for _ in range(30):
+            want, have = next(ref), next(got)
+            assert torch.equal(want["tokens"], have["tokens"]) and torch.equal(want["doc_start"], have["doc_start"])
+            assert got.state_dict()["lanes"] == ref.state_dict()["lanes"]
+            for key in ("documents", "decompressed_bytes", "lines_scanned", "documents_tokenized"):
+                assert got.stats()[key] == ref.stats()[key], key
+    finally:
+        ref.close()
+        got.close()
+
+
+def test_a_failing_worker_first_hands_over_the_samples_it_made(corpus, tokenizer, monkeypatch):
+    """A worker that fails while it holds samples for its next message sends them before the error: the
+    trainer gets every sample up to the one that failed, as when loading in process, and then the error."""
+    calls = {"n": 0}
+    encode = LaneGroup.encode
+
+    def failing_encode(self, text):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise DataError("injected: document 12 cannot be read")
+        return encode(self, text)
+
+    monkeypatch.setattr(LaneGroup, "encode", failing_encode)  # forked workers inherit it, counter included
+    taken = {}
+    for workers in (0, 1):
+        calls["n"] = 0
+        loader = TrainLoader(data_config(corpus["glob"], num_workers=workers, prefetch=32), tokenizer, 24, 1, 0, 1)
+        taken[workers] = []
+        with pytest.raises(DataError, match="injected: document 12"):
+            for _ in range(100):
+                taken[workers].append(next(loader)["tokens"].numpy()[0])
+        loader.close()
+    assert 0 < len(taken[0]) < SAMPLES_PER_MESSAGE * 4
+    assert np.array_equal(np.stack(taken[1]), np.stack(taken[0]))

@@ -7,6 +7,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hgrn_megatron.corpus.records import RecordParser, iter_documents
@@ -61,6 +62,24 @@ def test_a_document_is_its_ids_then_eos(shipped_tokenizer):
     want = [tok.encode(t) + [tok.eos_id] for t in texts]
     assert [tok.encode_document(t) for t in texts] == want
     assert tok.encode_documents(texts, num_threads=2) == want
+
+
+def test_a_document_as_an_array_is_its_ids_then_eos(shipped_tokenizer, monkeypatch):
+    """The training pipeline's encode (ids written by SentencePiece into an int32 array, EOS added by it) gives
+    exactly `encode_document`, on tricky text and on every document of the sample corpus; so does the fallback
+    for sentencepiece builds without array output."""
+    tok = shipped_tokenizer
+    rng = random.Random(1)
+    texts = TRICKY + [random_unicode(rng, rng.randint(1, 300)) for _ in range(100)]
+    for shard in sorted((ASSETS / "pile-mini").glob("*.jsonl.zst")):
+        texts += [d.text for _, d in iter_documents(shard, RecordParser())]
+    assert tok._ids_as_array, "the pinned sentencepiece (constraints.txt) returns ids as an array"
+    want = [tok.encode_document(t) for t in texts]
+    for fast in (True, False):
+        monkeypatch.setattr(tok, "_ids_as_array", fast)
+        for text, ids in zip(texts, want):
+            got = tok.encode_document_array(text)
+            assert got.dtype == np.int32 and got.tolist() == ids, (fast, repr(text[:60]))
 
 
 def test_special_ids_and_digit_splitting(shipped_tokenizer):
