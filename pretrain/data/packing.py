@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -225,6 +226,21 @@ class Lane:
         return delta
 
 
+# Plain shards whose sizes differ by more than this factor skew the mixture noticeably within the first passes.
+UNEQUAL_SHARDS_FACTOR = 2.0
+
+
+def warn_unequal_plain_shards(units: UnitTable) -> None:
+    """Lanes move through units, not bytes: a small plain shard is finished early and its lanes go on to the next
+    pass while large ones are still read, so small shards are over-represented until many passes even it out."""
+    plain = [units.paths[u.shard] for u in units.units if u.length is None]
+    sizes = sorted((os.path.getsize(path), path) for path in plain if os.path.exists(path))
+    if len(sizes) > 1 and sizes[-1][0] > UNEQUAL_SHARDS_FACTOR * max(sizes[0][0], 1):
+        log.warning("plain shards of unequal size (%s: %.1f MB, %s: %.1f MB): within the first passes the lanes "
+                    "over-represent the small ones in the mixture; reshard with `hgrn-data reshard` into frames of "
+                    "equal size", sizes[-1][1], sizes[-1][0] / 1e6, sizes[0][1], sizes[0][0] / 1e6)
+
+
 class LaneGroup:
     """Produces the samples of a set of lanes (one loader worker's share), each lane reading its own units."""
 
@@ -248,6 +264,8 @@ class LaneGroup:
                         "lanes share each unit, each decompressing all of it to take its share of the records; "
                         "reshard with `hgrn-data reshard` for more units", len(units), spec.lanes,
                         spec.lanes / max(len(units), 1))
+        if spec.lanes > 1 and self.lanes and min(self.lanes) == 0:
+            warn_unequal_plain_shards(units)
         empty: set = set()
         self.streams = {}
         for index, lane in self.lanes.items():
