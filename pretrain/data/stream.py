@@ -76,6 +76,7 @@ class UnitTable:
                              if f.lines)
         self.units = units
         self.indexed = sum(u.length is not None for u in units)
+        self.warned_small_units = False
         self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -112,7 +113,9 @@ class UnitTable:
 @dataclass(frozen=True, slots=True)
 class LaneShare:
     """Which units a lane reads and which of their records it takes: ordinals first, first + stride, ...; of
-    each, the records whose index in the unit is `rank` mod `share` (share 1: all of them)."""
+    each, the records whose index in the unit is `rank` mod `share` (share 1: all of them). A unit of n records
+    with n <= `rank` gives the lane its record `rank` mod n instead: a corpus too small for its lanes repeats
+    records within a pass rather than leave lanes without data (the loader warns)."""
 
     first: int
     stride: int
@@ -124,11 +127,6 @@ class LaneShare:
         stride = max(1, min(lanes, units))
         first, rank = lane % stride, lane // stride
         return cls(first, stride, len(range(first, lanes, stride)), rank)
-
-
-# A lane that shares units and finds none of its records in this many passes over its units is starved: the
-# units hold fewer records than the lanes dealing them.
-STARVED_PASSES = 4
 
 
 class LaneStream:
@@ -146,7 +144,7 @@ class LaneStream:
         self.lane, self.share = lane, LaneShare.of(lane, lanes, len(table))
         self._ordinal = start.ordinal if start is not None else self.share.first
         self._start_line = start.line if start is not None else None
-        self._units_without_record = 0
+        self._take_next = start is not None  # the saved position is a record this lane took, whatever its index
         self._decompressed = 0
         self._lines: Iterator | None = None  # opened at the first record: a lane costs nothing until it is read
 
@@ -155,11 +153,12 @@ class LaneStream:
         if self.on_decompressed is not None:
             self.on_decompressed(n)
 
-    def _open(self, skip_to: int | None = None) -> None:
+    def _open(self, skip_to: int | None = None, seek: bool = True) -> None:
         self._pass, self._slot, unit = self.table.at(self._ordinal)
         self._unit = unit
         self._line = unit.first_line
         self._records = 0
+        self._taken = 0
         self._faulted = False
         self._lines = iter_lines(self.table.paths[unit.shard], LANE_READ_CHUNK_BYTES, self.on_read,
                                  self.max_line_bytes, unit.offset, unit.length, self._count_decompressed,
@@ -167,7 +166,7 @@ class LaneStream:
         if skip_to is not None:
             before = self._decompressed
             self._skip(skip_to)
-            if self.on_seek is not None:  # text decompressed only to reach the saved line (with the line's own chunk)
+            if seek and self.on_seek is not None:  # text decompressed only to reach the saved line (and its chunk)
                 self.on_seek(self._decompressed - before)
 
     def _skip(self, line: int) -> None:
@@ -191,20 +190,32 @@ class LaneStream:
         while True:
             item = next(self._lines, None)
             if item is None:
+                if share.share > 1 and not self._taken and self._records and not self._faulted:
+                    # fewer records than lanes sharing the unit: read it again up to record rank mod n
+                    if not self.table.warned_small_units:
+                        self.table.warned_small_units = True
+                        log.warning("%s holds %d records for the %d lanes sharing it: some lanes repeat records "
+                                    "within a pass; use fewer data.lanes for a corpus this small",
+                                    self.table.paths[self._unit.shard], self._records, share.share)
+                    self._open(skip_to=self._unit.first_line + share.rank % self._records, seek=False)
+                    self._take_next = True
+                    continue
                 self._end_of_unit()
                 self._ordinal += share.stride
                 self._open()
                 continue
             if isinstance(item, StreamFault):
                 self._faulted = True  # the unit ends here; the lane it is dealt to counts it
-            if share.share == 1 or (self._line - self._unit.first_line) % share.share == share.rank:
+            if (self._take_next or share.share == 1
+                    or (self._line - self._unit.first_line) % share.share == share.rank):
                 break
             self._line += 1  # another lane's record
             self._records += 1
+        self._take_next = False
         pos = Position(self._ordinal, self._pass, self._slot, self._line)
         self._line += 1
         self._records += 1
-        self._units_without_record = 0
+        self._taken += 1
         return pos, item, self._unit.shard
 
     def _end_of_unit(self) -> None:
@@ -212,14 +223,6 @@ class LaneStream:
         if unit.lines is not None and not self._faulted and self._records != unit.lines:
             raise DataError(f"{self.table.paths[unit.shard]}: frame {unit.frame} holds {self._records} lines, its "
                             f"index says {unit.lines}; the shard changed since it was indexed")
-        self._units_without_record += 1
-        share = self.share
-        if share.share > 1 and self._units_without_record > STARVED_PASSES * -(-len(self.table) // share.stride):
-            raise DataError(
-                f"packing lane {self.lane} shares its units with {share.share - 1} other lanes and found none of "
-                f"its records in {STARVED_PASSES} passes over {len(self.table)} units: they hold fewer records "
-                f"than the lanes dealing them; use fewer data.lanes or reshard with `hgrn-data reshard`"
-            )
         if self._records == 0:
             self.empty_units.add((unit.shard, unit.frame))
             if len(self.empty_units) >= len(self.table):
