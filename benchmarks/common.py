@@ -118,3 +118,13 @@ def machine_info() -> dict:
         pass
     return info
 
+
+
+def largest_rank_row(fn, world_size: int, args: tuple, timeout: int = 1800) -> dict:
+    """Run `fn` on `world_size` gloo ranks; rank 0's row with the largest saved bytes and seconds of any rank."""
+    import hgrn_megatron.model  # noqa: F401  loaded once, before the ranks fork
+    from hgrn_megatron.testing.distributed import run_distributed
+
+    ranks = run_distributed(fn, world_size=world_size, args=args, timeout=timeout)
+    return {**ranks[0], "saved_bytes": max(r["saved_bytes"] for r in ranks),
+            "seconds": max(r["seconds"] for r in ranks)}

@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import largest_rank_row  # noqa: E402
 
 MODEL = dict(hidden_size=128, num_layers=2, ffn_hidden_size=256, num_attention_heads=4)
 VOCAB = 256
@@ -64,16 +67,7 @@ def train_step(seq: int, cp: int, model_fields: dict, loss_chunk_tokens: int | N
 
 
 def run(seq: int, cp_sizes: list[int], model_fields: dict = MODEL, loss_chunk_tokens: int | None = None) -> list[dict]:
-    import hgrn_megatron.model  # noqa: F401  loaded once, before the ranks fork
-    from hgrn_megatron.testing.distributed import run_distributed
-
-    rows = []
-    for cp in cp_sizes:
-        ranks = run_distributed(train_step, world_size=cp, args=(seq, cp, model_fields, loss_chunk_tokens),
-                                timeout=1800)
-        rows.append({**ranks[0], "saved_bytes": max(r["saved_bytes"] for r in ranks),
-                     "seconds": max(r["seconds"] for r in ranks)})
-    return rows
+    return [largest_rank_row(train_step, cp, (seq, cp, model_fields, loss_chunk_tokens)) for cp in cp_sizes]
 
 
 def main(argv=None) -> None:

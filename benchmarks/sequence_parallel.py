@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import largest_rank_row  # noqa: E402
 
 MODEL = dict(hidden_size=256, num_layers=2, ffn_hidden_size=512, num_attention_heads=4)
 VOCAB = 256
@@ -64,15 +67,7 @@ def step(seq: int, sequence_parallel: bool) -> dict:
 
 
 def run(seq: int) -> list[dict]:
-    import hgrn_megatron.model  # noqa: F401  loaded once, before the ranks fork
-    from hgrn_megatron.testing.distributed import run_distributed
-
-    rows = []
-    for tp, sp in ((1, False), (2, False), (2, True)):
-        ranks = run_distributed(step, world_size=tp, args=(seq, sp), timeout=1800)
-        rows.append({**ranks[0], "saved_bytes": max(r["saved_bytes"] for r in ranks),
-                     "seconds": max(r["seconds"] for r in ranks)})
-    return rows
+    return [largest_rank_row(step, tp, (seq, sp)) for tp, sp in ((1, False), (2, False), (2, True))]
 
 
 def main(argv=None) -> None:
