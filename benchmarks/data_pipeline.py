@@ -26,6 +26,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,16 +211,39 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", type=int, default=10, help="baseline and pipeline alternate this often per round")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--as-given", action="store_true",
+                    help="read the shards as they are, without resharding them into at least --lanes frames")
     ap.add_argument("--reshard", action="store_true", help="measure `hgrn-data reshard` instead (see above)")
     ap.add_argument("--rss-mb", type=int, default=200, help="text size of the generated input for the RSS check")
     args = ap.parse_args(argv)
     if args.reshard:
         summary = reshard_benchmark(args.shards, args.rounds, args.rss_mb)
     else:
-        summary = pipeline_benchmark(args)
+        with tempfile.TemporaryDirectory() as scratch:
+            args.scratch = Path(scratch)
+            summary = pipeline_benchmark(args)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def framed_for_lanes(paths: list, chars: int, lanes: int, scratch: Path) -> str | None:
+    """The shards resharded into frames of about chars / (2 x lanes) characters, so that every lane owns its
+    units, as a real run is set up (DATA.md); with fewer units than lanes, lanes share units and each decompresses
+    all of a shared unit. Returns the glob of the framed copy (None: the shards have enough units already)."""
+    from hgrn_megatron.corpus.reshard import reshard_one
+    from hgrn_megatron.pretrain.data.stream import UnitTable
+
+    if len(UnitTable(paths, 0)) >= lanes:
+        return None
+    out = scratch / "framed"
+    out.mkdir(parents=True, exist_ok=True)
+    frame_bytes = max(16 << 10, chars // (2 * lanes))
+    for path in paths:
+        reshard_one(path, out / Path(path).name, frame_bytes=frame_bytes)
+    print(f"resharded into {len(UnitTable(sorted(out.glob('*.jsonl.zst')), 0))} frames of ~{frame_bytes >> 10} KiB "
+          f"for {lanes} lanes (--as-given: measure the shards as they are)")
+    return str(out / "*.jsonl.zst")
 
 
 def pipeline_benchmark(args) -> dict:
@@ -231,6 +255,8 @@ def pipeline_benchmark(args) -> dict:
     tokenizer = Tokenizer.load(args.tokenizer)
     paths = resolve_shards([args.shards], field="--shards")
     chars = sum(len(doc.text) for p in paths for _, doc in iter_documents(p, RecordParser()))
+    if not args.as_given:
+        args.shards = framed_for_lanes(paths, chars, args.lanes, args.scratch) or args.shards
     # The timed window: `--window-passes` passes' worth of tokens (at ~3.2 characters per token; by default as many
     # whole passes as make 3 M tokens), after as many to warm up. A short window is biased: a worker runs up to a
     # message or `prefetch` samples ahead of the trainer at the window's ends, which shifts the documents it
