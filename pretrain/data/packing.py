@@ -113,9 +113,8 @@ class Lane:
         self.offset = int(state["offset"])
         self.doc_pass = int(state.get("doc_pass", 0))
         self.restoring = self.doc is not None
-        share = LaneShare.of(self.index, group.spec.lanes, len(group.spec.units))
-        self.unit_stride = share.stride
-        self.doc_unit = self.doc.ordinal if self.doc is not None else share.first  # the unit of its last document
+        first = LaneShare.of(self.index, group.spec.lanes, len(group.spec.units)).first
+        self.doc_unit = self.doc.ordinal if self.doc is not None else first  # the unit of its last document
         self.chunks: deque[list] = deque()  # [tokens int32 array, read offset, document position]
         self.available = 0
         self.delta = DataCounters()
@@ -130,7 +129,7 @@ class Lane:
             if self.restoring:
                 self._restore(pos, item, shard)
                 return
-            if (pos.ordinal - self.doc_unit) // self.unit_stride >= g.units_without_document:
+            if (pos.ordinal - self.doc_unit) // g.unit_stride >= g.units_without_document:
                 raise DataError(
                     f"packing lane {self.index} found no usable document in {g.passes_without_document} passes' "
                     f"worth of its units over {len(spec.paths)} shards (too few good records for {spec.lanes} "
@@ -250,22 +249,23 @@ class LaneGroup:
         self.warner = SkipWarner(spec.warn_limit)
         self._encode_document = tokenizer.encode_document_array
         self.io = IoCounters()
-        self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
         units = spec.units
+        self.unit_stride = LaneShare.of(0, spec.lanes, len(units)).stride  # the same for every lane
+        self.lanes = {int(s["lane"]): Lane(self, s) for s in lane_states}
         # How far a lane reads without a usable document before it gives up, counted in epochs: when the heaviest
         # source is not in the heaviest shard group, the last passes of each epoch (ceil(max group weight x max
         # source weight) of them) include no record at all. A lane reads about U / L units per pass (one, shared
         # with other lanes, when units are fewer than lanes).
         self.passes_without_document = MAX_PASSES_WITHOUT_DOCUMENT * spec.mixture.passes_per_epoch
-        stride = LaneShare.of(0, spec.lanes, len(units)).stride
-        self.units_without_document = self.passes_without_document * -(-len(units) // stride)
-        if len(units) < spec.lanes and self.lanes and min(self.lanes) == 0:
-            log.warning("%d units of data (frames of indexed shards, whole shards otherwise) for %d lanes: about %.0f "
-                        "lanes share each unit, each decompressing all of it to take its share of the records; "
-                        "reshard with `hgrn-data reshard` for more units", len(units), spec.lanes,
-                        spec.lanes / max(len(units), 1))
-        if spec.lanes > 1 and self.lanes and min(self.lanes) == 0:
-            warn_unequal_plain_shards(units)
+        self.units_without_document = self.passes_without_document * -(-len(units) // self.unit_stride)
+        if self.lanes and min(self.lanes) == 0:  # warned once, by the group holding lane 0
+            if len(units) < spec.lanes:
+                log.warning("%d units of data (frames of indexed shards, whole shards otherwise) for %d lanes: "
+                            "about %.0f lanes share each unit, each decompressing all of it to take its share of "
+                            "the records; reshard with `hgrn-data reshard` for more units", len(units), spec.lanes,
+                            spec.lanes / max(len(units), 1))
+            if spec.lanes > 1:
+                warn_unequal_plain_shards(units)
         empty: set = set()
         self.streams = {}
         for index, lane in self.lanes.items():

@@ -137,11 +137,11 @@ class LaneStream:
                  max_line_bytes: int | None, on_read: Callable[[int], None] | None = None,
                  on_decompressed: Callable[[int], None] | None = None, empty_units: set | None = None,
                  on_seek: Callable[[int], None] | None = None):
-        self.table, self.mixture, self.lanes = table, mixture, lanes
+        self.table, self.mixture = table, mixture
         self.max_line_bytes = max_line_bytes
         self.on_read, self.on_decompressed, self.on_seek = on_read, on_decompressed, on_seek
         self.empty_units = empty_units if empty_units is not None else set()
-        self.lane, self.share = lane, LaneShare.of(lane, lanes, len(table))
+        self.share = LaneShare.of(lane, lanes, len(table))
         self._ordinal = start.ordinal if start is not None else self.share.first
         self._start_line = start.line if start is not None else None
         self._take_next = start is not None  # the saved position is a record this lane took, whatever its index
