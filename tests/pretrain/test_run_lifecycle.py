@@ -22,18 +22,19 @@ pytestmark = [pytest.mark.distributed]
 
 
 def _train(tree: dict, resume: str = "auto", signal_during_setup: bool = False):
+    from hgrn_megatron.pretrain import resume as resume_module
     from hgrn_megatron.pretrain import trainer
     from hgrn_megatron.pretrain.config import RunConfig
 
     if signal_during_setup:  # as launch/slurm/worker.sh leaves it: SIGUSR1 ignored until the trainer installs
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # its handler; the notice then comes while the engine builds
-        real_build = trainer.build_engine
+        real_build = resume_module.build_engine
 
         def build_after_a_notice(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGUSR1)
             return real_build(*args, **kwargs)
 
-        trainer.build_engine = build_after_a_notice
+        resume_module.build_engine = build_after_a_notice
     result = trainer.train(RunConfig.build(tree), resume=resume)
     return result.exit_code, result.step
 
